@@ -204,7 +204,7 @@ def two_phase_model(base: nn.Module, n: int, c: float = TWO_PHASE_WIDTH_FACTOR,
     if pen is not None and pen.out_features >= n:
         replace_module(model, layers.output, nn.Identity())
         return TwoPhaseModel(model, out)
-    wide = math.ceil(c * n)
+    wide = math.ceil(round(c * n, 9))     # ⌈1.1·200⌉ = 220, not 221 from float rounding
     replace_module(model, layers.output, nn.Sequential(nn.Linear(out.in_features, wide), softplus(beta)))
     return TwoPhaseModel(model, nn.Linear(wide, out.out_features))
 

@@ -26,6 +26,7 @@ Example::
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,11 +50,18 @@ def build_exploit_optimizer(spec: ExploitSpec, base: torch.optim.Optimizer,
     if callable(spec):
         return spec(params)
     if spec == "same":
-        return type(base)(params, **base.defaults)
+        return type(base)(params, **_constructor_defaults(base))
     if spec == "lbfgs":
         return torch.optim.LBFGS(params, **LBFGS_OPTIONS)
     raise UserInputError(f"unknown exploit_optimizer '{spec}'; expected one of "
                          f"{', '.join(EXPLOIT_CHOICES)} or a callable params -> Optimizer")
+
+
+def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The hyper-parameters of ``optimizer`` that its constructor accepts (``defaults`` may hold
+    internal keys, e.g. AdamW's ``decoupled_weight_decay``)."""
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    return {k: v for k, v in optimizer.defaults.items() if k in accepted}
 
 
 class EEWrapper(PhaseWrapper):
