@@ -1,0 +1,4 @@
+"""``python -m global_convergence`` is ``gconv``."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""The options of ``gconv train`` (SPEC §7) as one validated dataclass, and the step schedule."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import UserInputError
+from ..losses import LOSS_NAMES
+from ..models import MODEL_NAMES
+from ..wrappers import EXPLOIT_CHOICES
+
+METHODS = ("base", "two-phase", "ee")
+OPTIMIZERS = ("sgd", "adam")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run. Defaults are the [K22] ResNet setting (SPEC §7)."""
+
+    data: str = "sine"
+    model: str = "mlp"
+    method: str = "base"
+    seed: int = 0
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    batch_size: int = 64
+    epochs: int | None = None
+    steps: int | None = None
+    tau0: float = 0.6
+    tau: int | None = None
+    eps: float = 1e-3
+    delta0: float = 1e-3
+    exploit_optimizer: str = "same"
+    loss: str = "ce"
+    n: int | None = None
+    augment: bool = False
+    width: int = 1
+    head_width: int | None = None
+    noise: float | None = None
+    track_alignment_every: int | None = None
+    checkpoint_every: int | None = None
+    log_every: int | None = None
+    device: str = "cpu"
+    data_root: str | None = None
+    download: bool = False
+    cache_features: bool = True
+    allow_non_analytic: bool = False
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def validate(self) -> "TrainConfig":
+        """Check every option that can be checked without data; raise UserInputError."""
+        _one_of(self.model, MODEL_NAMES, "model")
+        _one_of(self.method, METHODS, "method")
+        _one_of(self.optimizer, OPTIMIZERS, "optimizer")
+        _one_of(self.loss, LOSS_NAMES, "loss")
+        _one_of(self.exploit_optimizer, EXPLOIT_CHOICES, "exploit-optimizer")
+        _one_of(self.device, DEVICES, "device")
+        _positive(self.lr, "lr")
+        _non_negative(self.momentum, "momentum")
+        _non_negative(self.weight_decay, "weight-decay")
+        _positive(self.eps, "eps")
+        _positive(self.delta0, "delta0")
+        if self.batch_size < 0:
+            raise UserInputError(f"--batch-size must be >= 0 (0 means full batch), got {self.batch_size}")
+        if (self.epochs is None) == (self.steps is None):
+            raise UserInputError("give exactly one of --epochs and --steps")
+        _positive_int(self.epochs if self.epochs is not None else self.steps,
+                      "epochs" if self.epochs is not None else "steps")
+        if self.tau is None and not 0.0 < self.tau0 < 1.0:
+            raise UserInputError(f"--tau0 must satisfy 0 < tau0 < 1, got {self.tau0}")
+        if self.tau is not None:
+            run = self.epochs if self.epochs is not None else self.steps
+            unit = "epochs" if self.epochs is not None else "steps"
+            if not 0 < self.tau < run:
+                raise UserInputError(f"--tau {self.tau} is outside the run: it must satisfy "
+                                     f"0 < tau < T = {run} {unit}")
+        for value, name in ((self.width, "width"), (self.head_width, "head-width"),
+                            (self.track_alignment_every, "track-alignment-every"),
+                            (self.checkpoint_every, "checkpoint-every"), (self.log_every, "log-every")):
+            if value is not None:
+                _positive_int(value, name)
+        if self.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                raise UserInputError("--device cuda was asked for but no CUDA device is available")
+        return self
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps of a run: ``total`` steps of ``batch`` samples, switch after ``tau`` steps."""
+
+    n: int
+    batch: int
+    steps_per_epoch: int
+    total: int
+    tau: int | None
+    log_every: int
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+
+def make_schedule(config: TrainConfig, n: int) -> Schedule:
+    """Turn epochs/steps, τ/τ0 and the batch size into step counts (SPEC §7: τ in the run's unit)."""
+    batch = n if config.batch_size in (0, None) or config.batch_size >= n else config.batch_size
+    per_epoch = math.ceil(n / batch)
+    total = config.epochs * per_epoch if config.epochs is not None else config.steps
+    tau = None
+    if config.method != "base":
+        if config.tau is not None:
+            tau = config.tau * per_epoch if config.epochs is not None else config.tau
+        else:
+            tau = max(1, round(config.tau0 * total))
+        if not 0 < tau < total:
+            raise UserInputError(f"the switch at step {tau} is outside the run of {total} steps")
+    log_every = config.log_every or (per_epoch if config.epochs is not None else max(1, total // 200))
+    return Schedule(n, batch, per_epoch, total, tau, log_every)
+
+
+def _one_of(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise UserInputError(f"unknown --{name} '{value}'; expected one of {', '.join(choices)}")
+
+
+def _positive(value: float, name: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UserInputError(f"--{name} must be a positive number, got {value}")
+
+
+def _non_negative(value: float, name: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise UserInputError(f"--{name} must be >= 0, got {value}")
+
+
+def _positive_int(value: int, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserInputError(f"--{name} must be a positive integer, got {value}")

@@ -1,0 +1,515 @@
+"""The training loop behind ``gconv train``: data order, both phases, metrics, certificates,
+checkpoints, resume, DDP.
+
+Determinism: the data order of epoch ``e`` is a permutation drawn from a generator seeded with
+``(seed, e)`` and the augmentation of step ``t`` from one seeded with ``(seed, t)``, so a resumed
+run replays exactly the batches an uninterrupted run sees, on any number of ranks.
+
+The second phase trains only the head on a frozen trunk. Without augmentation the trunk features
+of the whole training (and test) set are computed once at the switch and the head trains on them
+(``cache_features``); with augmentation the trunk runs forward-only under ``no_grad``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import Dataset, augment_batch, load_dataset
+from ..errors import NumericalError, UserInputError
+from ..losses import Loss, make_loss
+from ..models import (EEModel, SplitNet, TwoPhaseModel, build_model, ee_model, flush_denormals,
+                      non_analytic_modules, two_phase_model)
+from ..wrappers import EEWrapper, PhaseWrapper, TwoPhase
+from .checkpoint import (atomic_write_text, load_checkpoint, restore_rng, save_checkpoint,
+                         seed_everything)
+from .config import Schedule, TrainConfig, make_schedule
+from .distributed import DistContext, all_reduce_sum, barrier, init_distributed, rank_share
+from .metrics import plot_run, write_metrics
+
+EVAL_CHUNK = 1024
+"""Samples per forward pass when evaluating or caching features."""
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+RESULT_INSENSITIVE = {"device", "data_root", "download", "checkpoint_every", "log_every"}
+"""Options a resumed run may change: they do not alter the numbers a run produces."""
+
+
+@dataclass
+class LogEvent:
+    """What a callback sees at each logged step; it may add columns to ``row``."""
+
+    step: int
+    phase: int
+    model: nn.Module
+    dataset: Dataset
+    loss: Loss
+    row: dict[str, Any]
+
+
+Callback = Callable[[LogEvent], None]
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built and validated before any file is written."""
+
+    config: TrainConfig
+    dataset: Dataset
+    loss: Loss
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    wrapper: PhaseWrapper | None
+    schedule: Schedule
+    ctx: DistContext
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor | None
+    y_test: torch.Tensor | None
+    step: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    q_t: int = 0
+    alignment_checks: int = 0
+    certificate: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=lambda: {"phase1": 0.0, "phase2": 0.0,
+                                                               "switch": 0.0, "evaluation": 0.0})
+    cache: "FeatureCache | None" = None
+    train_module: nn.Module | None = None
+
+    @property
+    def phase(self) -> int:
+        return self.wrapper.phase if self.wrapper is not None else 1
+
+    @property
+    def split(self) -> SplitNet | None:
+        return self.model if isinstance(self.model, SplitNet) else None
+
+
+@dataclass
+class FeatureCache:
+    """Trunk features ``z̄`` of the training (and test) inputs under the frozen trunk."""
+
+    train: torch.Tensor
+    test: torch.Tensor | None
+
+
+# -- building a run -----------------------------------------------------------------------------
+def build_run(config: TrainConfig, ctx: DistContext | None = None) -> Run:
+    """Load data, build model, optimizer and wrapper; raise UserInputError on any bad input."""
+    config.validate()
+    ctx = ctx or init_distributed(config.device)
+    seed_everything(config.seed)
+    dataset = load_dataset(config.data, n=config.n, seed=config.seed, data_root=config.data_root,
+                           download=config.download, loss=config.loss, noise=config.noise)
+    target_dim = dataset.y_train.shape[1] if dataset.y_train.is_floating_point() else None
+    loss = make_loss(config.loss, dataset.num_classes, target_dim)
+    if config.loss == "ce" and dataset.y_train.is_floating_point():
+        raise UserInputError(f"--loss ce needs integer class labels, but {dataset.name} has real targets")
+    schedule = make_schedule(config, dataset.n)
+    if config.augment and dataset.augment is None:
+        raise UserInputError(f"--augment: no augmentation applies to {dataset.name} "
+                             f"(inputs of shape {dataset.input_shape})")
+    torch.manual_seed(config.seed)
+    base = build_model(config.model, dataset.input_shape, loss.output_dim, width=config.width)
+    model = _modify_model(base, config, dataset.n)
+    model.to(ctx.device)
+    if config.channels_last and len(dataset.input_shape) == 3:
+        model.to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(config, model.parameters())
+    x, y = dataset.x_train.to(ctx.device), dataset.y_train.to(ctx.device)
+    x_test = dataset.x_test.to(ctx.device) if dataset.x_test is not None else None
+    y_test = dataset.y_test.to(ctx.device) if dataset.y_test is not None else None
+    wrapper = _make_wrapper(config, model, optimizer, schedule, x)
+    return Run(config, dataset, loss, model, optimizer, wrapper, schedule, ctx, x, y, x_test, y_test)
+
+
+def _modify_model(base: nn.Module, config: TrainConfig, n: int) -> nn.Module:
+    if config.method == "two-phase":
+        return two_phase_model(base, n)
+    if config.method == "ee":
+        return ee_model(base, n, head_width=config.head_width)
+    return base
+
+
+def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def _make_wrapper(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  schedule: Schedule, x: torch.Tensor) -> PhaseWrapper | None:
+    bn_data = list(torch.split(x, EVAL_CHUNK))
+    common = dict(seed=config.seed, bn_data=bn_data, total_steps=schedule.total,
+                  allow_non_analytic=config.allow_non_analytic)
+    if config.method == "two-phase":
+        return TwoPhase(model, optimizer, schedule.tau, config.delta0, **common)
+    if config.method == "ee":
+        return EEWrapper(model, optimizer, schedule.tau, config.eps,
+                         exploit_optimizer=config.exploit_optimizer, **common)
+    return None
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def predict(run: Run, split: str = "train") -> torch.Tensor:
+    """Model outputs on a whole split, in chunks (cached features in phase 2)."""
+    cached = None
+    if run.cache is not None:
+        cached = run.cache.train if split == "train" else run.cache.test
+    if cached is not None:
+        source, fn = cached, run.split.head
+    else:
+        source, fn = (run.x if split == "train" else run.x_test), run.model
+    with evaluation_mode(run.model):
+        return torch.cat([_autocast_forward(run, fn, chunk) for chunk in torch.split(source, EVAL_CHUNK)])
+
+
+def evaluate(run: Run) -> dict[str, Any]:
+    """Training loss and error on the whole training set; test error where there is a test set."""
+    out = predict(run, "train")
+    row: dict[str, Any] = {"loss": float(run.loss(out.float(), run.y))}
+    errors = run.loss.errors(out, run.y)
+    row["train_error"] = None if errors is None else float(errors) / run.dataset.n
+    row["test_error"] = None
+    if run.x_test is not None:
+        test_errors = run.loss.errors(predict(run, "test"), run.y_test)
+        row["test_error"] = None if test_errors is None else float(test_errors) / len(run.y_test)
+    return row
+
+
+def _autocast_forward(run: Run, fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if run.config.amp and run.ctx.device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn(x).float()
+    return fn(x)
+
+
+# -- one step ----------------------------------------------------------------------------------
+def batch_indices(run: Run, step: int) -> torch.Tensor:
+    """Global batch of ``step``: a slice of the seeded permutation of its epoch."""
+    s = run.schedule
+    epoch, position = divmod(step, s.steps_per_epoch)
+    if s.batch >= s.n:
+        return torch.arange(s.n)
+    generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + epoch)
+    order = torch.randperm(s.n, generator=generator)
+    return order[position * s.batch:(position + 1) * s.batch]
+
+
+def _inputs(run: Run, index: torch.Tensor, step: int) -> torch.Tensor:
+    """Inputs of a batch: cached features in a cached phase 2, else (augmented) raw inputs."""
+    if run.cache is not None:
+        return run.cache.train[index.to(run.cache.train.device)]
+    xb = run.x[index.to(run.x.device)]
+    if run.config.augment:
+        generator = torch.Generator().manual_seed(run.config.seed * 7_919 + step)
+        xb = augment_batch(xb.cpu(), run.dataset.augment, generator).to(run.x.device)
+    if run.config.channels_last and xb.dim() == 4:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb
+
+
+def make_closure(run: Run, step: int) -> Callable[[], torch.Tensor]:
+    """Closure of one step: zero grads, loss of this rank's share of the global batch, backward.
+
+    Returns the global-batch mean loss (all ranks agree on it, which L-BFGS's line search needs).
+    L-BFGS exploitation always uses the full batch.
+    """
+    lbfgs = run.phase == 2 and isinstance(run.wrapper.active_optimizer, torch.optim.LBFGS)
+    global_index = torch.arange(run.schedule.n) if lbfgs else batch_indices(run, step)
+    local = rank_share(global_index, run.ctx)
+    inputs, targets = _inputs(run, local, step), run.y[local.to(run.y.device)]
+    scale = run.ctx.world / len(global_index)
+
+    def closure() -> torch.Tensor:
+        zero_grad(run)
+        out = _autocast_forward(run, run.train_module, inputs)
+        local_sum = run.loss.per_sample(out.float(), targets).sum()
+        (local_sum * scale).backward()
+        return all_reduce_sum(local_sum.detach(), run.ctx) / len(global_index)
+
+    return closure
+
+
+def zero_grad(run: Run) -> None:
+    (run.wrapper or run.optimizer).zero_grad(set_to_none=True)
+
+
+def train_step(run: Run) -> float:
+    closure = make_closure(run, run.step)
+    stepper = run.wrapper or run.optimizer
+    if run.wrapper is None or not isinstance(run.wrapper.active_optimizer, torch.optim.LBFGS):
+        loss = closure()
+        stepper.step()
+    else:
+        loss = stepper.step(closure)
+    return float(loss)
+
+
+# -- phases ------------------------------------------------------------------------------------
+def attach_train_module(run: Run) -> None:
+    """The module the closure calls: the (DDP-wrapped) model in phase 1; in phase 2 the head on
+    cached features, or the model with its frozen trunk. Under DDP phase 2 wraps only the head
+    in a fresh DDP instance: the trunk's ``requires_grad`` changed at the switch."""
+    if run.phase == 1:
+        module = run.model
+        if run.config.compile:
+            module = torch.compile(module)
+        run.train_module = DistributedDataParallel(module) if run.ctx.distributed else module
+        return
+    head = run.split.head
+    if run.ctx.distributed:
+        head = DistributedDataParallel(head)
+    if run.cache is not None:
+        run.train_module = head
+    else:
+        split = run.split
+        run.train_module = _FrozenTrunkThen(split, head)
+
+
+class _FrozenTrunkThen(nn.Module):
+    """``head(trunk(x))`` with the frozen trunk of ``split`` and a possibly DDP-wrapped head."""
+
+    def __init__(self, split: SplitNet, head: nn.Module) -> None:
+        super().__init__()
+        self.split, self.head = split, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.split.features(x))
+
+
+def build_feature_cache(run: Run) -> FeatureCache | None:
+    """Trunk features of every training (and test) input, once, under the frozen trunk."""
+    if not run.config.cache_features or run.config.augment or run.split is None:
+        return None
+    with evaluation_mode(run.model):
+        train = torch.cat([run.split.features(c) for c in torch.split(run.x, EVAL_CHUNK)])
+        test = None
+        if run.x_test is not None:
+            test = torch.cat([run.split.features(c) for c in torch.split(run.x_test, EVAL_CHUNK)])
+    return FeatureCache(train, test)
+
+
+def make_certificate(run: Run) -> dict[str, Any]:
+    """The condition checked on the actual state at the switch, constants and bound (SPEC §4)."""
+    from .. import conditions
+
+    c = run.config
+    facts = dict(full_batch=run.schedule.batch >= run.schedule.n,
+                 momentum=c.momentum if c.optimizer == "sgd" else 0.0,
+                 weight_decay=c.weight_decay,
+                 optimizer_name=c.optimizer if c.method != "ee" or c.exploit_optimizer == "same"
+                 else c.exploit_optimizer,
+                 lr_used=c.lr, analytic=not non_analytic_modules(run.model))
+    if isinstance(run.model, TwoPhaseModel):
+        return conditions.two_phase_certificate(run.model, run.x, run.loss, **facts)
+    return conditions.ee_certificate(run.model, run.x, run.loss, **facts)
+
+
+def enter_phase2(run: Run) -> None:
+    started = time.perf_counter()
+    run.cache = build_feature_cache(run)
+    attach_train_module(run)
+    run.seconds["switch"] += time.perf_counter() - started
+
+
+# -- logging -----------------------------------------------------------------------------------
+def log_row(run: Run, callbacks: list[Callback]) -> dict[str, Any]:
+    started = time.perf_counter()
+    row: dict[str, Any] = {"step": run.step, "epoch": run.step / run.schedule.steps_per_epoch,
+                           "phase": run.phase, **evaluate(run), "alignment_ok": None, "q_t": None}
+    every = run.config.track_alignment_every
+    if every and run.step % every == 0:
+        from .. import conditions
+
+        verdict = conditions.alignment(run.model, run.x, run.y, loss=run.loss)
+        ok = verdict.verdict == "verified"
+        run.alignment_checks += 1
+        run.q_t += 0 if ok else 1
+        row["alignment_ok"] = int(ok)
+    if every:
+        row["q_t"] = run.q_t
+    for callback in callbacks:
+        callback(LogEvent(run.step, run.phase, run.model, run.dataset, run.loss, row))
+    run.rows.append(row)
+    run.seconds["evaluation"] += time.perf_counter() - started
+    return row
+
+
+def _should_log(run: Run) -> bool:
+    s = run.schedule
+    every = run.config.track_alignment_every
+    return (run.step % s.log_every == 0 or run.step == s.total or run.step == s.tau
+            or bool(every and run.step % every == 0))
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "config": run.config.to_dict(), "step": run.step,
+            "model": run.model.state_dict(),
+            "wrapper": run.wrapper.state_dict() if run.wrapper else None,
+            "optimizer": run.optimizer.state_dict() if run.wrapper is None else None,
+            "rows": run.rows, "q_t": run.q_t, "alignment_checks": run.alignment_checks,
+            "certificate": run.certificate, "seconds": run.seconds}
+
+
+def write_checkpoint(run: Run, out: Path | None) -> None:
+    if out is not None and run.ctx.is_main:
+        save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(run))
+    barrier(run.ctx)
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    """Continue ``run`` from a checkpoint of the same configuration."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UserInputError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
+    saved = TrainConfig.from_dict(state["config"]).to_dict()
+    changed = [k for k, v in run.config.to_dict().items()
+               if k not in RESULT_INSENSITIVE and saved.get(k) != v]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {run.config.to_dict()[k]!r}" for k in changed)
+        raise UserInputError(f"--resume with options that differ from the checkpoint's ({details})")
+    run.model.load_state_dict(state["model"])
+    if run.wrapper is not None:
+        run.wrapper.load_state_dict(state["wrapper"])
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
+    run.step, run.rows, run.q_t = state["step"], state["rows"], state["q_t"]
+    run.alignment_checks, run.certificate = state["alignment_checks"], state["certificate"]
+    run.seconds.update(state["seconds"])
+    restore_rng(state["rng"])
+
+
+# -- the run -----------------------------------------------------------------------------------
+def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
+          progress: bool = True, callbacks: list[Callback] | None = None,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Run ``config`` and return the summary (also written to ``out/summary.json``).
+
+    Runs on the CPU with float32 subnormals flushed to zero (SPEC §2). ``stop_after`` ends the
+    run early after that many steps (with a checkpoint), as an interruption would.
+    """
+    run = build_run(config)
+    out_path = Path(out) if out is not None else None
+    if resume:
+        if out_path is None:
+            raise UserInputError("--resume needs --out DIR holding checkpoint.pt")
+        restore(run, load_checkpoint(out_path / CHECKPOINT_NAME))
+    if out_path is not None and run.ctx.is_main:
+        out_path.mkdir(parents=True, exist_ok=True)
+    with flush_denormals(run.ctx.device.type == "cpu"):
+        if run.phase == 2:
+            enter_phase2(run)
+        else:
+            attach_train_module(run)
+        _loop(run, out_path, callbacks or [], progress, stop_after)
+        summary = make_summary(run)
+    if out_path is not None and run.ctx.is_main:
+        write_outputs(run, out_path, summary)
+    barrier(run.ctx)
+    return summary
+
+
+def _loop(run: Run, out: Path | None, callbacks: list[Callback], progress: bool,
+          stop_after: int | None) -> None:
+    s, every = run.schedule, run.config.checkpoint_every
+    if run.step == 0 and not run.rows and run.ctx.is_main:
+        log_row(run, callbacks)
+    bar = _progress_bar(run, progress)
+    last = s.total if stop_after is None else min(s.total, run.step + stop_after)
+    while run.step < last:
+        phase, started = run.phase, time.perf_counter()
+        loss = train_step(run)
+        run.step += 1
+        run.seconds[f"phase{phase}"] += time.perf_counter() - started
+        _check_finite(run, loss, phase, out)
+        if phase == 1 and run.phase == 2:
+            _on_switch(run, out)
+        if _should_log(run) and run.ctx.is_main:
+            row = log_row(run, callbacks)
+            _check_finite(run, row["loss"], run.phase, out)
+            if bar is not None:
+                bar.set_postfix(phase=run.phase, loss=f"{row['loss']:.3g}",
+                                error=row["train_error"] if row["train_error"] is None
+                                else f"{row['train_error']:.3f}")
+        if every and run.step % every == 0 and run.step != s.tau:
+            write_checkpoint(run, out)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    write_checkpoint(run, out)
+
+
+def _on_switch(run: Run, out: Path | None) -> None:
+    started = time.perf_counter()
+    if run.ctx.is_main:
+        run.certificate = make_certificate(run)
+    run.seconds["switch"] += time.perf_counter() - started
+    enter_phase2(run)
+    write_checkpoint(run, out)
+
+
+def _check_finite(run: Run, loss: float, phase: int, out: Path | None) -> None:
+    if math.isfinite(loss):
+        return
+    where = (f"the last good checkpoint is kept in {out / CHECKPOINT_NAME}" if out is not None
+             and (out / CHECKPOINT_NAME).exists() else "no checkpoint was written")
+    raise NumericalError(f"training loss became {loss} at step {run.step} (phase {phase}); {where}. "
+                         "Lower --lr or check the data.")
+
+
+def _progress_bar(run: Run, progress: bool):
+    if not progress or not run.ctx.is_main:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=run.schedule.total, initial=run.step, unit="step",
+                desc=f"{run.config.method} {run.config.model} on {run.dataset.name}", leave=False)
+
+
+def make_summary(run: Run) -> dict[str, Any]:
+    last = run.rows[-1] if run.rows else evaluate(run)
+    tracked = bool(run.config.track_alignment_every)
+    return {"train_loss": last["loss"], "train_error": last["train_error"],
+            "test_error": last["test_error"], "q_t": run.q_t if tracked else None,
+            "alignment_checks": run.alignment_checks if tracked else None,
+            "steps": run.step, "completed": run.step >= run.schedule.total,
+            "switch_step": run.schedule.tau, "seconds": dict(run.seconds),
+            "n": run.dataset.n, "data_note": run.dataset.note, "world_size": run.ctx.world,
+            "config": run.config.to_dict(), "certificate": run.certificate}
+
+
+def write_outputs(run: Run, out: Path, summary: dict[str, Any]) -> None:
+    write_metrics(out / "metrics.csv", run.rows)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    plot_run(out, run.rows, run.schedule.tau,
+             f"{run.config.method} · {run.config.model} · {run.dataset.name} (n={run.dataset.n})")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
