@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,13 @@ CONDITIONS = ("expressivity", "safe-exploration", "alignment")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line and exit 2."""
+    """argparse, but usage errors are one line and exit 2, and ``--lr -1e-3`` or ``--eps -inf``
+    reach validation as negative numbers (argparse takes ``-1e-3`` for an option otherwise)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"gconv: error: {message}\n")
@@ -28,6 +35,9 @@ def _add_train(sub) -> None:
     p.add_argument("--data", required=True, help="dataset name or path of an .npz file")
     p.add_argument("--model", required=True, help="mlp | lenet | resnet18 | preact-resnet18")
     p.add_argument("--method", required=True, help="base | two-phase | ee")
+    p.add_argument("--activation", default="softplus",
+                   help="softplus (real analytic, default) | relu (not analytic: two-phase and ee "
+                        "then need --allow-non-analytic)")
     p.add_argument("--out", help="output folder (default runs/<data>-<model>-<method>-s<seed>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--optimizer", default="sgd", help="sgd | adam")

@@ -157,6 +157,8 @@ def ee_model(base: nn.Module, n: int, head_width: int | None = None,
     ``nn.Linear`` is refused with a message naming what was found instead.
     """
     _check_positive_int(n, "n")
+    if head_width is not None:      # checked before use: 0 must not fall back to the default
+        _check_positive_int(head_width, "head_width")
     model = copy.deepcopy(base)
     layers = find_last_layers(model, "ee_model")
     out = model.get_submodule(layers.output)

@@ -8,29 +8,76 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import secrets
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from ..errors import UserInputError
 
+TEMPORARY_SUFFIX = ".tmp"
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+
+def temporary_name(path: Path) -> str:
+    """Glob pattern of the temporary files :func:`atomic_write` makes for ``path``."""
+    return f".{path.name}.*{TEMPORARY_SUFFIX}"
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(handle)`` on a new temporary file next to ``path``, fsync it, rename it over
+    ``path`` and fsync the folder. A crash at any point leaves the old ``path`` (or none) intact
+    and at worst a stray temporary file, which :func:`remove_stale_temporaries` clears. The file
+    gets the usual permissions (``0o666`` less the umask), not ``mkstemp``'s ``0o600``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete temporary files that a crashed :func:`atomic_write` of ``folder/name`` left."""
+    removed = []
+    for name in names:
+        for stale in Path(folder).glob(temporary_name(Path(name))):
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -39,24 +86,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """``torch.save`` ``state`` (plus RNG states) to ``path`` atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({**state, "rng": capture_rng()}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    rng = capture_rng()
+    atomic_write(path, lambda handle: torch.save({**state, "rng": rng}, handle))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`; a clear error if unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"no checkpoint at {path}")
+        raise UserInputError(f"no checkpoint at {path}; expected a checkpoint.pt written by gconv train")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:     # torch raises several types for truncated or foreign files
@@ -74,8 +112,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():     # as many devices as both machines have
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 def seed_everything(seed: int) -> None:

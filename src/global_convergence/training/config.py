@@ -12,6 +12,11 @@ from ..wrappers import EXPLOIT_CHOICES
 METHODS = ("base", "two-phase", "ee")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("cpu", "cuda")
+ACTIVATIONS = ("softplus", "relu")
+"""Hidden activation of the built-in models: softplus(ς=100) is real analytic (SPEC §2); ``relu``
+is not, so ``two-phase`` and ``ee`` refuse it unless ``allow_non_analytic`` (then the certificate
+says that the guarantee does not apply). ``relu`` is there for baselines and for that refusal."""
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -21,6 +26,7 @@ class TrainConfig:
     data: str = "sine"
     model: str = "mlp"
     method: str = "base"
+    activation: str = "softplus"
     seed: int = 0
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -40,6 +46,12 @@ class TrainConfig:
     width: int = 1
     head_width: int | None = None
     noise: float | None = None
+    holdout: float | None = None
+    """Hold out this fraction of the training split (fixed seed) as the evaluation set, whose
+    error is then reported as ``test_error``: the 80/20 selection split of [K22] §3.4."""
+    wide_layer: bool = False
+    """``method="base"`` on the two-phase architecture (``two_phase_model``'s wide last hidden
+    layer), as [KS21] §7 compares base and A(base) on one network."""
     track_alignment_every: int | None = None
     checkpoint_every: int | None = None
     log_every: int | None = None
@@ -68,20 +80,27 @@ class TrainConfig:
         _one_of(self.loss, LOSS_NAMES, "loss")
         _one_of(self.exploit_optimizer, EXPLOIT_CHOICES, "exploit-optimizer")
         _one_of(self.device, DEVICES, "device")
+        _one_of(self.activation, ACTIVATIONS, "activation")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise UserInputError(f"--seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
         _positive(self.lr, "lr")
         _non_negative(self.momentum, "momentum")
         _non_negative(self.weight_decay, "weight-decay")
         _positive(self.eps, "eps")
         _positive(self.delta0, "delta0")
-        if self.batch_size < 0:
-            raise UserInputError(f"--batch-size must be >= 0 (0 means full batch), got {self.batch_size}")
+        if self.holdout is not None and not (isinstance(self.holdout, float) and 0.0 < self.holdout < 1.0):
+            raise UserInputError(f"holdout must be a fraction 0 < holdout < 1, got {self.holdout}")
+        if not _is_int(self.batch_size) or self.batch_size < 0:
+            raise UserInputError(f"--batch-size must be an integer >= 0 (0 means full batch), "
+                                 f"got {self.batch_size!r}")
         if (self.epochs is None) == (self.steps is None):
             raise UserInputError("give exactly one of --epochs and --steps")
         _positive_int(self.epochs if self.epochs is not None else self.steps,
                       "epochs" if self.epochs is not None else "steps")
-        if self.tau is None and not 0.0 < self.tau0 < 1.0:
-            raise UserInputError(f"--tau0 must satisfy 0 < tau0 < 1, got {self.tau0}")
+        if self.tau is None and not (_is_number(self.tau0) and 0.0 < self.tau0 < 1.0):
+            raise UserInputError(f"--tau0 must satisfy 0 < tau0 < 1, got {self.tau0!r}")
         if self.tau is not None:
+            _positive_int(self.tau, "tau")
             run = self.epochs if self.epochs is not None else self.steps
             unit = "epochs" if self.epochs is not None else "steps"
             if not 0 < self.tau < run:
@@ -136,16 +155,24 @@ def _one_of(value: str, choices: tuple[str, ...], name: str) -> None:
         raise UserInputError(f"unknown --{name} '{value}'; expected one of {', '.join(choices)}")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise UserInputError(f"--{name} must be a positive number, got {value}")
+    if not (_is_number(value) and value > 0):
+        raise UserInputError(f"--{name} must be a positive number, got {value!r}")
 
 
 def _non_negative(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise UserInputError(f"--{name} must be >= 0, got {value}")
+    if not (_is_number(value) and value >= 0):
+        raise UserInputError(f"--{name} must be >= 0, got {value!r}")
 
 
 def _positive_int(value: int, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserInputError(f"--{name} must be a positive integer, got {value}")
+    if not _is_int(value) or value < 1:
+        raise UserInputError(f"--{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,265 @@
+"""The training loop behind ``gconv train``: checkpoints, resume, RNG state, non-finite losses.
+
+Runs are tiny (sine wave, n = 20, the 300-wide ``mlp``, a few steps) and in-process; the
+interruptions here are exceptions raised from a callback (the SIGKILL tests are in
+``test_reliability.py``). The PNG plots are not the subject here and cost more than a tiny run
+(matplotlib), so they are skipped; ``test_cli.py`` checks them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from global_convergence.errors import NumericalError, UserInputError
+from global_convergence.training import loop
+from global_convergence.training import (CHECKPOINT_NAME, TrainConfig, build_run, load_checkpoint,
+                                         train)
+
+FIGURES = ("train_loss", "train_error", "test_error", "q_t", "alignment_checks", "steps",
+           "switch_step", "completed")
+
+
+@pytest.fixture(autouse=True)
+def _no_plots(monkeypatch):
+    monkeypatch.setattr(loop, "plot_run", lambda *args, **kwargs: [])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: bit-identical runs, and no OpenMP spinning on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny(**overrides) -> TrainConfig:
+    options = dict(data="sine", model="mlp", method="ee", n=20, steps=12, tau=6, batch_size=8,
+                   eps=0.01, track_alignment_every=3)
+    options.update(overrides)
+    if options["method"] == "base":
+        options["tau"] = None
+    return TrainConfig(**options)
+
+
+class Interrupted(Exception):
+    """Stands for a crash: raised from a callback, it leaves the folder as a crash would."""
+
+
+def interrupt_at(step: int):
+    def callback(event):
+        if event.step == step:
+            raise Interrupted(step)
+    return callback
+
+
+def figures(summary: dict) -> dict:
+    return {k: summary[k] for k in FIGURES}
+
+
+def without_timings(value):
+    """``value`` without its ``seconds`` entries (wall-clock times differ from run to run)."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def final_state(out: Path) -> dict:
+    return load_checkpoint(out / CHECKPOINT_NAME)["model"]
+
+
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    """Same summary figures, same metrics.csv, bit-identical final parameters."""
+    a = json.loads((reference / "summary.json").read_text())
+    b = json.loads((resumed / "summary.json").read_text())
+    assert figures(a) == figures(b)
+    assert without_timings(a["certificate"]) == without_timings(b["certificate"])
+    assert (reference / "metrics.csv").read_text() == (resumed / "metrics.csv").read_text()
+    sa, sb = final_state(reference), final_state(resumed)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, one per configuration, shared by the tests below."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str, config: TrainConfig) -> Path:
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"reference-{name}")
+            train(config, out, progress=False)
+            cache[name] = out
+        return cache[name]
+    return get
+
+
+CONFIGS = {
+    # EE with SGD + momentum + minibatches, G̃ = G: optimizer state, data order, gates, alignment
+    "ee": tiny(),
+    # EE with L-BFGS exploitation (its history in the checkpoint), Adam in exploration
+    "ee-lbfgs": tiny(exploit_optimizer="lbfgs", optimizer="adam", lr=0.01, batch_size=0,
+                     track_alignment_every=None),
+    # two-phase on two moons with momentum and weight decay
+    "two-phase": tiny(data="two-moons", method="two-phase", tau=None, tau0=0.5,
+                      track_alignment_every=None),
+}
+
+
+@pytest.mark.parametrize("name, stop", [("ee", 3), ("ee", 6), ("ee", 10), ("ee-lbfgs", 4),
+                                        ("ee-lbfgs", 9), ("two-phase", 5), ("two-phase", 8)])
+def test_resume_before_and_after_the_switch_gives_the_uninterrupted_result(reference, tmp_path,
+                                                                           name, stop):
+    """``stop_after`` ends the run as an interruption would: before τ = 6, at τ, after τ."""
+    config = CONFIGS[name]
+    partial = train(config, tmp_path, progress=False, stop_after=stop)
+    assert partial["steps"] == stop and partial["completed"] is False
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == stop
+    resumed = train(config, tmp_path, progress=False, resume=True)
+    assert resumed["completed"] is True and resumed["steps"] == config.steps
+    assert_same_run(reference(name, config), tmp_path)
+
+
+@pytest.mark.parametrize("crash_at, checkpoint_every, expected_resume_step",
+                         [(7, None, 6), (9, 4, 8), (5, 2, 4)])
+def test_crash_resumes_from_the_last_checkpoint_including_the_switch_one(
+        reference, tmp_path, crash_at, checkpoint_every, expected_resume_step):
+    """A crash one step after the switch resumes from the switch's checkpoint, which must hold
+    the switch step's metrics row and alignment check (q_t)."""
+    config = tiny(checkpoint_every=checkpoint_every)
+    with pytest.raises(Interrupted):
+        train(config, tmp_path, progress=False, callbacks=[interrupt_at(crash_at)])
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["step"] == expected_resume_step
+    assert state["rows"][-1]["step"] == expected_resume_step
+    assert not (tmp_path / "summary.json").exists()
+    train(config, tmp_path, progress=False, resume=True)
+    assert_same_run(reference("ee", CONFIGS["ee"]), tmp_path)
+
+
+def test_checkpoint_holds_every_part_of_the_state(tmp_path):
+    train(tiny(), tmp_path, progress=False, stop_after=8)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["step"] == 8
+    wrapper = state["wrapper"]
+    assert wrapper["phase"] == 2 and wrapper["step_count"] == 8 and wrapper["gates_tied"] is False
+    assert "exploit_optimizer" in wrapper and wrapper["optimizer"]["state"]    # momentum buffers
+    assert torch.equal(wrapper["gates"], state["model"]["head.gates"])
+    assert set(state["rng"]) >= {"torch", "numpy", "python"}
+    assert [row["step"] for row in state["rows"]] == list(range(9))
+    assert state["certificate"]["method"] == "ee" and state["q_t"] == sum(
+        1 - r["alignment_ok"] for r in state["rows"] if r["alignment_ok"] is not None)
+
+
+def _rng_draws(event):
+    """A callback that consumes every global generator: resume must restore all of them."""
+    event.row["rng_torch"] = float(torch.rand(()))
+    event.row["rng_numpy"] = float(np.random.rand())
+    event.row["rng_python"] = random.random()
+
+
+def test_resume_restores_torch_numpy_and_python_random_states(tmp_path):
+    config = tiny(method="base", steps=8, track_alignment_every=None, checkpoint_every=5)
+    train(config, tmp_path / "a", progress=False, callbacks=[_rng_draws])
+    with pytest.raises(Interrupted):
+        train(config, tmp_path / "b", progress=False, callbacks=[_rng_draws, interrupt_at(6)])
+    random.seed(12345), np.random.seed(12345), torch.manual_seed(12345)    # as in a new process
+    train(config, tmp_path / "b", progress=False, callbacks=[_rng_draws], resume=True)
+    rows_a = list(csv.DictReader((tmp_path / "a" / "metrics.csv").open()))
+    rows_b = list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))
+    assert len(rows_a) == 9 and rows_a == rows_b
+
+
+def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
+    train(tiny(method="base", steps=4), tmp_path, progress=False)
+    with pytest.raises(UserInputError) as err:
+        train(tiny(method="base", steps=4, lr=0.05), tmp_path, progress=False, resume=True)
+    assert str(err.value) == "--resume with options that differ from the checkpoint's (lr: 0.1 -> 0.05)"
+    # options that cannot change the numbers may differ
+    summary = train(tiny(method="base", steps=4, checkpoint_every=2, log_every=2), tmp_path,
+                    progress=False, resume=True)
+    assert summary["steps"] == 4
+
+
+def test_a_fresh_run_replaces_the_outputs_of_an_earlier_one(tmp_path):
+    train(tiny(method="base", steps=4), tmp_path, progress=False)
+    (tmp_path / "q_t.png").write_bytes(b"old")
+    with pytest.raises(Interrupted):
+        train(tiny(method="base", steps=6, checkpoint_every=2), tmp_path, progress=False,
+              callbacks=[interrupt_at(3)])
+    # no summary of the old run beside the new run's checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 2
+
+
+# -- non-finite losses and parameters -------------------------------------------------------------
+def test_nan_loss_in_phase_2_stops_with_step_and_phase_and_keeps_the_last_good_checkpoint(tmp_path):
+    """GD on the squared loss far above the stable step diverges in exploitation."""
+    config = tiny(method="ee", tau=2, steps=12, lr=1.0, momentum=0.0, weight_decay=0.0,
+                  batch_size=0, checkpoint_every=1, track_alignment_every=None, loss="mse")
+    with pytest.raises(NumericalError) as err:
+        train(config, tmp_path, progress=False)
+    message = str(err.value)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    step = state["step"] + 1
+    assert message in (
+        f"training loss became inf at step {step} (phase 2); the last good checkpoint (step "
+        f"{step - 1}) is kept in {tmp_path / CHECKPOINT_NAME}. Lower --lr or check the data.",
+        f"training loss became nan at step {step} (phase 2); the last good checkpoint (step "
+        f"{step - 1}) is kept in {tmp_path / CHECKPOINT_NAME}. Lower --lr or check the data.",
+        f"parameters became non-finite at step {step} (phase 2): head.weight; the last good "
+        f"checkpoint (step {step - 1}) is kept in {tmp_path / CHECKPOINT_NAME}. Lower --lr or "
+        "check the data.")
+    assert state["wrapper"]["phase"] == 2 and state["step"] > 2
+    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "summary.json").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_non_finite_parameters_after_a_finite_loss_are_never_checkpointed(tmp_path):
+    """The loss of step t is computed before its update: an update to inf must be caught."""
+    run_dir = tmp_path / "run"
+    config = tiny(method="base", steps=6, checkpoint_every=1, track_alignment_every=None)
+
+    def poison(event):
+        if event.step == 3:
+            with torch.no_grad():
+                next(event.model.parameters())[0, 0] = float("inf")
+    with pytest.raises(NumericalError) as err:
+        train(config, run_dir, progress=False, callbacks=[poison])
+    assert str(err.value) == (
+        f"parameters became non-finite at step 3 (phase 1): 1.weight; the last good checkpoint "
+        f"(step 2) is kept in {run_dir / CHECKPOINT_NAME}. Lower --lr or check the data.")
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["step"] == 2
+
+
+def test_nan_before_any_checkpoint_leaves_no_folder(tmp_path):
+    x = np.full((8, 2), 1e30, dtype=np.float32)     # finite data whose loss overflows
+    x[::2] *= -1
+    y = np.arange(8, dtype=np.float32)[:, None] * 1e30
+    np.savez(tmp_path / "huge.npz", x=x, y=y)
+    out = tmp_path / "out"
+    with pytest.raises(NumericalError) as err:
+        train(TrainConfig(data=str(tmp_path / "huge.npz"), loss="mse", model="mlp", steps=3,
+                          batch_size=0), out, progress=False)
+    assert str(err.value).startswith("training loss became ")
+    assert str(err.value).endswith(" at step 1 (phase 1); no checkpoint was written. Lower --lr "
+                                   "or check the data.")
+    assert not out.exists()
+
+
+def test_build_run_validates_before_anything_is_written(tmp_path):
+    with pytest.raises(UserInputError, match=r"--tau 12 is outside the run"):
+        train(tiny(tau=12), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+    run = build_run(tiny())
+    assert run.schedule.tau == 6 and run.phase == 1
