@@ -1,0 +1,64 @@
+"""The expressivity condition of [KS21], Assumption 1.
+
+    There is ``w(1:H)`` with ``rank([h_X(w(1:H)), 1_n]) = n``,
+
+``h_X`` the last-hidden-layer outputs on the n training inputs. The paper checks it at one random
+draw with ``numpy.linalg.matrix_rank`` and its default tolerance (§7.1); :func:`expressivity`
+checks it at the model's current state, with features in float64 (SPEC §4) and two methods (SVD
+and QR with column pivoting) on ``[h_X, 1]`` itself.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserInputError
+from ..linalg import (FACTOR_MEMORY_BUDGET, RANK_BAND, DenseFactor, Verdict, dense_rank_verdict,
+                      factor_rank_verdict)
+from .features import FEATURE_CHUNK, require_split, trunk_features, with_constant
+
+METHODS = ("auto", "dense", "gram")
+DENSE_WORKSPACE = 3
+"""A dense SVD plus pivoted QR of an ``n × c`` matrix needs about this many copies of it."""
+
+
+def expressivity(model: nn.Module, x: Tensor, *, dtype: torch.dtype = torch.float64,
+                 chunk_size: int = FEATURE_CHUNK, tol: float | None = None,
+                 band: float = RANK_BAND, method: str = "auto",
+                 memory_budget: int = FACTOR_MEMORY_BUDGET) -> Verdict:
+    """[KS21] Assumption 1 at the model's current state: ``rank([h_X, 1_n]) = n``.
+
+    ``model`` is a :class:`~global_convergence.models.TwoPhaseModel` (any ``SplitNet``: ``h_X``
+    is its trunk output), evaluated on a ``dtype`` copy in eval mode, ``chunk_size`` samples at a
+    time; the caller's model is untouched. ``method="dense"``: SVD and pivoted QR of
+    ``[h_X, 1]`` (the paper's test, two methods); ``"gram"``: the Gram certificate with fallback
+    to the factor (:func:`~global_convergence.linalg.factor_rank_verdict`), for large n;
+    ``"auto"``: dense when it fits ``memory_budget`` bytes. ``tol`` defaults to numpy's
+    ``σ_max · max(n, m_H + 1) · ε``. The verdict's shape is ``[n, m_H + 1]``.
+    """
+    model = require_split(model, "expressivity")
+    h, seconds = trunk_features(model, x, dtype, chunk_size)
+    verdict = expressivity_of_features(h, tol=tol, band=band, method=method,
+                                       memory_budget=memory_budget)
+    verdict.seconds["features"] = seconds
+    return verdict
+
+
+def expressivity_of_features(h: Tensor, *, tol: float | None = None, band: float = RANK_BAND,
+                             method: str = "auto",
+                             memory_budget: int = FACTOR_MEMORY_BUDGET) -> Verdict:
+    """The expressivity verdict for given last-hidden-layer features ``h`` (n × m_H)."""
+    if method not in METHODS:
+        raise UserInputError(f"expressivity method must be one of {', '.join(METHODS)}, got "
+                             f"{method!r}")
+    a = with_constant(h)
+    if method == "auto":
+        method = "dense" if DENSE_WORKSPACE * a.numel() * a.element_size() <= memory_budget \
+            else "gram"
+    if method == "dense":
+        verdict = dense_rank_verdict(a, condition="expressivity", tol=tol, band=band)
+    else:
+        verdict = factor_rank_verdict(DenseFactor(a), condition="expressivity", tol=tol,
+                                      band=band, factor_memory_budget=memory_budget)
+    verdict.details["assumption"] = "[KS21] Assumption 1: rank([h_X, 1_n]) = n"
+    return verdict

@@ -1,0 +1,281 @@
+"""The condition verifiers on the library's models: expressivity, safe exploration, alignment,
+input distinguishability, widths, and the certificates."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from global_convergence.conditions import (NOT_VERIFIED, VERIFIED, alignment,
+                                           alignment_of_jacobian, ee_certificate, ee_row_bounds,
+                                           expressivity, he_initialise, input_distinguishability,
+                                           safe_exploration, two_phase_certificate,
+                                           width_condition)
+from global_convergence.errors import UserInputError
+from global_convergence.losses import make_loss
+from global_convergence.models import MLP, LeNet, ResNet18, ee_model, two_phase_model
+
+F64 = torch.float64
+
+
+def reference_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """J in SPEC §1 row order (row j·n + i), by torch.func — independent of the ntk package."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p, xi):
+        return functional_call(model, p, (xi[None],)).reshape(-1)
+
+    jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)            # name → (n, m, *shape)
+    rows = torch.cat([j.flatten(2) for j in jac.values()], dim=2)   # (n, m, d)
+    return rows.transpose(0, 1).reshape(-1, rows.shape[2])
+
+
+def with_duplicates(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The first n − k points, then copies of the first k of them (still n points)."""
+    return torch.cat([x[:x.shape[0] - k], x[:k]])
+
+
+@pytest.fixture(scope="module")
+def points():
+    return torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(40, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------- expressivity
+
+def test_expressivity_verified_without_and_refuted_with_duplicates(points):
+    torch.manual_seed(0)
+    model = two_phase_model(MLP(5, 1), 60)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    v = expressivity(model, points)
+    assert v.verdict == VERIFIED and v.rank == 60 and v.n == 60
+    assert v.shape == [60, 301] and v.precision == "float64"
+    assert v.methods == {"svd": 60, "qr": 60} and v.agree
+    assert v.smallest_kept > 10 * v.tolerance
+    dup = expressivity(model, with_duplicates(points, 3))
+    assert dup.verdict == NOT_VERIFIED and dup.rank == 57
+    assert dup.largest_dropped < dup.tolerance / 10
+    # the caller's model is untouched: mode, dtype, parameters
+    assert model.training and next(model.parameters()).dtype == torch.float32
+    assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
+
+
+def test_expressivity_gram_method_agrees_and_needs_a_split_model(points):
+    torch.manual_seed(0)
+    model = two_phase_model(MLP(5, 1), 60)
+    assert expressivity(model, points, method="gram").verdict == VERIFIED
+    assert expressivity(model, with_duplicates(points, 2), method="gram").rank == 58
+    with pytest.raises(UserInputError, match="trunk and head"):
+        expressivity(MLP(5, 1), points)
+
+
+# ------------------------------------------------------------------------- safe exploration
+
+def test_safe_exploration_lenet_per_output_and_duplicates(images):
+    torch.manual_seed(0)
+    model = ee_model(LeNet(1, 3), 40)                      # m_y = 3 outputs, m_H = 128
+    v = safe_exploration(model, images)
+    assert v.verdict == VERIFIED and v.rank == 40
+    assert v.shape == [40, 128 * 129]
+    assert [o["output"] for o in v.details["per_output"]] == [0, 1, 2]
+    assert all(o["verdict"] == VERIFIED for o in v.details["per_output"])
+    assert "weights" in v.details["q"]                     # gates still tied: current weights
+    dup = safe_exploration(model, with_duplicates(images, 4))
+    assert dup.verdict == NOT_VERIFIED and dup.rank == 36
+    assert dup.methods == {"svd": 36, "qr": 36}            # decided from ϕ itself
+    assert all(o["verdict"] == NOT_VERIFIED for o in dup.details["per_output"])
+    checked = safe_exploration(model, images, q="random", cross_check=True)
+    assert checked.methods == {"cholesky": 40, "svd": 40, "qr": 40} and checked.agree
+    assert [o["output"] for o in checked.details["per_output"]] == ["shared"]
+
+
+def test_safe_exploration_uses_frozen_gates_per_output():
+    """After the switch the check uses R(j) (the gates), per output, not the current weights."""
+    torch.manual_seed(0)
+    model = ee_model(MLP(5, 2, hidden=(8, 8)), 40)         # z ∈ R^9, m_H = 8: ϕ is 40 × 72
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(4))
+    model.head.freeze_gates()
+    with torch.no_grad():
+        model.head.gates[1].zero_()        # output 1: σ̃(0) = ½, ϕ_i = ½[z_i, …, z_i], rank ≤ 9
+    v = safe_exploration(model, x)
+    assert "gates" in v.details["q"]
+    per = {o["output"]: o for o in v.details["per_output"]}
+    assert per[0]["verdict"] == VERIFIED and per[0]["rank"] == 40
+    assert per[1]["verdict"] == NOT_VERIFIED and per[1]["rank"] == 9
+    assert v.verdict == NOT_VERIFIED and v.details["deciding_output"] == 1 and v.rank == 9
+    with torch.no_grad():
+        model.head.weight.mul_(-3.0)       # the trained w moves; the gates R(j) do not
+    again = safe_exploration(model, x)
+    figures = lambda r: [(o["rank"], o["verdict"], o["tolerance"]) for o in r.details["per_output"]]
+    assert figures(again) == figures(v)
+
+
+def test_safe_exploration_resnet_he_initialised():
+    torch.manual_seed(0)
+    model = ee_model(ResNet18(3, 2), 24)                   # m_{H−1} = 513, m_H = ⌈48/513⌉ = 1
+    he_initialise(model.trunk, seed=0)
+    x = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    v = safe_exploration(model, x, q="random")
+    assert v.verdict == VERIFIED and v.shape == [24, 513]
+    assert safe_exploration(model, with_duplicates(x, 2), q="random").verdict == NOT_VERIFIED
+
+
+def test_he_initialise_is_seeded_he_normal():
+    a, b = nn.Linear(400, 300), nn.Linear(400, 300)
+    he_initialise(a, 3), he_initialise(b, 3)
+    assert torch.equal(a.weight, b.weight) and torch.count_nonzero(a.bias) == 0
+    assert float(a.weight.detach().std()) == pytest.approx((2 / 400) ** 0.5, rel=0.02)
+
+
+# -------------------------------------------------------------------------------- alignment
+
+def test_alignment_inside_and_outside_column_space():
+    """d < n·m_y, so Col(J) is a proper subspace: a target built inside is aligned, a generic
+    one is not; the residual separates them too."""
+    torch.manual_seed(0)
+    model = MLP(3, 2, hidden=(4,))                        # d = 16 + 10 = 26, rows = 2·30 = 60
+    x = torch.randn(30, 3)
+    j = reference_jacobian(model, x).double()
+    inside = j @ torch.randn(j.shape[1], dtype=F64)
+    y_inside = inside.reshape(2, 30).T                    # Y' with vec(Y') = inside (SPEC §1)
+    v = alignment(model, x, y_inside)
+    assert v.verdict == VERIFIED and v.precision == "float32"
+    assert v.details["rank_augmented"] == v.rank and v.details["relative_residual"] < 1e-5
+    assert v.shape == [60, 26] and v.n == 30
+    outside = torch.randn(30, 2, dtype=F64)
+    w = alignment(model, x, outside)
+    assert w.verdict == NOT_VERIFIED and w.details["rank_augmented"] == w.rank + 1
+    assert w.details["relative_residual"] > 0.3
+    # the row order matters: the same numbers stacked by rows are not in Col(J)
+    assert alignment(model, x, inside.reshape(30, 2)).verdict == NOT_VERIFIED
+    r_in = alignment(model, x, y_inside, method="residual")
+    r_out = alignment(model, x, outside, method="residual")
+    assert (r_in.verdict, r_out.verdict) == (VERIFIED, NOT_VERIFIED)
+
+
+def test_alignment_float32_test_against_numpy_matrix_rank():
+    """The default reproduces numpy.linalg.matrix_rank on the float32 J and [J, y']."""
+    import numpy as np
+    torch.manual_seed(1)
+    model = MLP(2, 1, hidden=(16, 16))
+    x = torch.rand(40, 2) * 2 - 1
+    y = (torch.sin(20 * x[:, 0]) < 0).long()
+    loss = make_loss("ce", 2)
+    v = alignment(model, x, y, loss=loss)
+    j = reference_jacobian(model, x).numpy()                # float32, as the paper's
+    yp = (2.0 * y.numpy() - 1.0).astype(np.float32)[:, None]
+    assert v.rank == np.linalg.matrix_rank(j)
+    assert v.details["rank_augmented"] == np.linalg.matrix_rank(np.hstack([j, yp]))
+    assert v.verdict == (VERIFIED if v.rank == v.details["rank_augmented"] else NOT_VERIFIED)
+    assert v.tolerance == pytest.approx(np.linalg.svd(j.astype(np.float64), compute_uv=False)[0]
+                                        * max(j.shape) * np.finfo(np.float32).eps, rel=1e-5)
+    f64 = alignment(model, x, y, loss=loss, precision="float64")
+    j64 = reference_jacobian(copy.deepcopy(model).double(), x.double()).numpy()
+    assert f64.precision == "float64" and f64.rank == np.linalg.matrix_rank(j64) >= v.rank
+
+
+def test_alignment_of_jacobian_checks_sizes():
+    with pytest.raises(UserInputError, match="rows"):
+        alignment_of_jacobian(torch.randn(10, 50), torch.randn(9))
+
+
+# ------------------------------------------------------------------ distinguishability, widths
+
+def test_input_distinguishability():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 4, generator=g)
+    x = x / x.norm(dim=1, keepdim=True)                    # unit norm: margins 1 − cos > 0
+    ok = input_distinguishability(x)
+    assert ok.verdict == VERIFIED and ok.figures["min_margin"] > 0
+    dup = input_distinguishability(torch.cat([x, x[7:8]]))
+    assert dup.verdict == NOT_VERIFIED and dup.figures["duplicate_pair"] == [7, 50]
+    scaled = x.clone()
+    scaled[3] = 2 * x[9]                                   # ‖x_9‖² − x_9ᵀx_3 = 1 − 2 < 0
+    bad = input_distinguishability(scaled)
+    assert bad.verdict == NOT_VERIFIED and bad.figures["pair"] == [9, 3]
+    assert bad.figures["min_margin"] == pytest.approx(-1.0, abs=1e-6)
+    json.dumps(bad.to_dict())
+
+
+def test_width_condition():
+    mlp = MLP(5, 1)                                        # widths 300, 300, 300
+    assert width_condition(mlp, 100, 5).verdict == VERIFIED
+    wide = width_condition(mlp, 400, 5)
+    assert wide.verdict == NOT_VERIFIED and wide.figures["failing"] == ["last_hidden_ok"]
+    narrow = width_condition(MLP(50, 1, hidden=(20, 300)), 100, 50)
+    assert narrow.figures["failing"] == ["inner_widths_ok"]
+    fixed = width_condition(two_phase_model(mlp, 400), 400, 5)
+    assert fixed.verdict == VERIFIED and fixed.figures["last_hidden"] == 440
+    with pytest.raises(UserInputError, match="convolution"):
+        width_condition(LeNet(1, 1), 10, 256)
+
+
+# ------------------------------------------------------------------------------ certificates
+
+GD = dict(full_batch=True, momentum=0.0, weight_decay=0.0, optimizer_name="sgd")
+
+
+def test_two_phase_certificate_bound_only_for_full_batch_gd(points):
+    torch.manual_seed(0)
+    model = two_phase_model(MLP(5, 1), 60)
+    model.freeze_trunk()
+    loss = make_loss("ce", 2)
+    cert = two_phase_certificate(model, points, loss, lr_used=1e-3, **GD)
+    # L_H = (L_ℓ/n) Σ ‖[h_i, 1]‖², and ‖[h_i, 1]‖² = ‖∂f(x_i)/∂(output weight, bias)‖²
+    head_grads = reference_jacobian(copy.deepcopy(model).double(), points.double())[:, -301:]
+    expected = 0.25 / 60 * float(head_grads.pow(2).sum())
+    assert cert["constants"]["L_H"] == pytest.approx(expected, rel=1e-10)
+    assert cert["step_max"] == pytest.approx(1 / expected)
+    assert cert["condition"]["verdict"] == VERIFIED
+    assert all(cert["assumptions"].values()) and cert["bound_withheld_because"] == []
+    assert cert["bound"]["coefficient"] == pytest.approx(expected / 2)
+    assert "R^2" in cert["bound"]["formula"]
+    json.dumps(cert)
+    for change, failing in [({"momentum": 0.9}, "no_momentum"),
+                            ({"full_batch": False}, "full_batch"),
+                            ({"optimizer_name": "lbfgs"}, "gradient_descent"),
+                            ({"weight_decay": 1e-5}, "no_weight_decay")]:
+        c = two_phase_certificate(model, points, loss, lr_used=1e-3, **{**GD, **change})
+        assert c["bound"] is None and c["bound_withheld_because"] == [failing]
+    big = two_phase_certificate(model, points, loss, lr_used=2 / expected, **GD)
+    assert big["bound_withheld_because"] == ["step_at_most_1_over_L"]
+    relu = two_phase_model(nn.Sequential(nn.Linear(5, 300), nn.ReLU(), nn.Linear(300, 1)), 60)
+    assert "real_analytic" in two_phase_certificate(relu, points, loss, lr_used=1e-3,
+                                                    **GD)["bound_withheld_because"]
+    dup = two_phase_certificate(model, with_duplicates(points, 2), loss, lr_used=1e-3, **GD)
+    assert dup["bound_withheld_because"] == ["condition_verified"]
+
+
+def test_ee_certificate_constants_and_withholding(images):
+    torch.manual_seed(0)
+    model = ee_model(LeNet(1, 3), 40)
+    model.freeze_trunk()
+    model.head.freeze_gates()
+    loss = make_loss("ce", 3)
+    cert = ee_certificate(model, images, loss, lr_used=1e-4, **GD)
+    # Z_i = max_j ‖∂f_j(x_i)/∂W(H−1, j)‖ with the gates frozen ([diag(W(H)_j) ⊗ I] ϕ(R(j))_i)
+    m64 = copy.deepcopy(model).double()
+    j = reference_jacobian(m64.head, m64.features(images.double()))   # rows j·n + i
+    per_unit = 128 * 129
+    grads = torch.stack([j[k * 40:(k + 1) * 40, k * per_unit:(k + 1) * per_unit].norm(dim=1)
+                         for k in range(3)], dim=1)
+    z_rows = grads.amax(dim=1)
+    z = m64.head.augmented_input(m64.features(images.double()))
+    assert torch.allclose(ee_row_bounds(m64, z), z_rows, rtol=1e-10)
+    expected = 0.5 * float(z_rows.pow(2).sum()) / 40
+    assert cert["constants"]["L_hat"] == pytest.approx(expected, rel=1e-10)
+    assert cert["condition"]["verdict"] == VERIFIED and len(cert["condition"]["per_output"]) == 3
+    assert cert["bound"] is not None and cert["bound"]["coefficient"] == pytest.approx(expected / 2)
+    assert "B_eps_bar" in cert["bound"]["formula"]
+    lbfgs = ee_certificate(model, images, loss, lr_used=1.0, **{**GD, "optimizer_name": "LBFGS"})
+    assert lbfgs["bound"] is None and "gradient_descent" in lbfgs["bound_withheld_because"]
+    minibatch = ee_certificate(model, images, loss, lr_used=1e-4, **{**GD, "full_batch": False})
+    assert minibatch["bound_withheld_because"] == ["full_batch"]
+    json.dumps(minibatch)
