@@ -12,8 +12,10 @@ of the whole training (and test) set are computed once at the switch and the hea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,17 +31,23 @@ from ..errors import NumericalError, UserInputError
 from ..losses import Loss, make_loss
 from ..models import (EEModel, SplitNet, TwoPhaseModel, build_model, ee_model, flush_denormals,
                       non_analytic_modules, two_phase_model)
+from ..models.surgery import replace_module
 from ..wrappers import EEWrapper, PhaseWrapper, TwoPhase
-from .checkpoint import (atomic_write_text, load_checkpoint, restore_rng, save_checkpoint,
-                         seed_everything)
+from .checkpoint import (atomic_write_text, load_checkpoint, remove_stale_temporaries, restore_rng,
+                         save_checkpoint, seed_everything)
 from .config import Schedule, TrainConfig, make_schedule
-from .distributed import DistContext, all_reduce_sum, barrier, init_distributed, rank_share
+from .distributed import (DistContext, all_reduce_sum, assemble_chunks, barrier, broadcast_object,
+                          globalise_batchnorm, init_distributed, owns_chunk, rank_share,
+                          synchronised_batchnorm)
 from .metrics import plot_run, write_metrics
 
 EVAL_CHUNK = 1024
 """Samples per forward pass when evaluating or caching features."""
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+OUTPUT_FILES = ("metrics.csv", "summary.json", "training.png", "q_t.png")
+"""What a finished run writes besides the checkpoint; a fresh run removes a previous run's copies
+first, so that a folder never mixes a new checkpoint with an old summary."""
 RESULT_INSENSITIVE = {"device", "data_root", "download", "checkpoint_every", "log_every"}
 """Options a resumed run may change: they do not alter the numbers a run produces."""
 
@@ -84,6 +92,8 @@ class Run:
                                                                "switch": 0.0, "evaluation": 0.0})
     cache: "FeatureCache | None" = None
     train_module: nn.Module | None = None
+    checkpoint_step: int | None = None
+    """Step of the last checkpoint written (or resumed from); None before the first."""
 
     @property
     def phase(self) -> int:
@@ -110,6 +120,8 @@ def build_run(config: TrainConfig, ctx: DistContext | None = None) -> Run:
     seed_everything(config.seed)
     dataset = load_dataset(config.data, n=config.n, seed=config.seed, data_root=config.data_root,
                            download=config.download, loss=config.loss, noise=config.noise)
+    if config.holdout is not None:
+        dataset = holdout_split(dataset, config.holdout)
     target_dim = dataset.y_train.shape[1] if dataset.y_train.is_floating_point() else None
     loss = make_loss(config.loss, dataset.num_classes, target_dim)
     if config.loss == "ce" and dataset.y_train.is_floating_point():
@@ -120,7 +132,12 @@ def build_run(config: TrainConfig, ctx: DistContext | None = None) -> Run:
                              f"(inputs of shape {dataset.input_shape})")
     torch.manual_seed(config.seed)
     base = build_model(config.model, dataset.input_shape, loss.output_dim, width=config.width)
+    if config.activation == "relu":
+        _softplus_to_relu(base)
     model = _modify_model(base, config, dataset.n)
+    _check_analytic(model, config)
+    if ctx.distributed:
+        globalise_batchnorm(model)     # batch statistics of the global batch, as one process has
     model.to(ctx.device)
     if config.channels_last and len(dataset.input_shape) == 3:
         model.to(memory_format=torch.channels_last)
@@ -132,12 +149,48 @@ def build_run(config: TrainConfig, ctx: DistContext | None = None) -> Run:
     return Run(config, dataset, loss, model, optimizer, wrapper, schedule, ctx, x, y, x_test, y_test)
 
 
+HOLDOUT_SEED = 0
+"""Seed of the ``holdout`` split: the same split for every run, whatever its ``--seed``."""
+
+
+def holdout_split(dataset: Dataset, fraction: float) -> Dataset:
+    """[K22]'s selection split: a fixed random ``fraction`` of the training split becomes the
+    evaluation (``test``) split, the rest the training split; the real test split is not used."""
+    order = torch.randperm(dataset.n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    held = max(1, round(fraction * dataset.n))
+    keep, out = order[held:].sort().values, order[:held].sort().values
+    note = f"{dataset.note}; " if dataset.note else ""
+    return dataclasses.replace(
+        dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep],
+        x_test=dataset.x_train[out], y_test=dataset.y_train[out],
+        note=f"{note}{fraction:.0%} of the training split held out for validation")
+
+
 def _modify_model(base: nn.Module, config: TrainConfig, n: int) -> nn.Module:
-    if config.method == "two-phase":
+    if config.method == "two-phase" or config.wide_layer:
         return two_phase_model(base, n)
     if config.method == "ee":
         return ee_model(base, n, head_width=config.head_width)
     return base
+
+
+def _softplus_to_relu(model: nn.Module) -> None:
+    """``--activation relu``: every softplus of a built-in model becomes a ReLU (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Softplus):
+            replace_module(model, name, nn.ReLU())
+
+
+def _check_analytic(model: nn.Module, config: TrainConfig) -> None:
+    """Refuse a guarantee for a non-analytic model unless the user allowed it (SPEC §2)."""
+    offending = non_analytic_modules(model)
+    if config.method == "base" or config.allow_non_analytic or not offending:
+        return
+    names = ", ".join(offending[:4]) + (f" and {len(offending) - 4} more" if len(offending) > 4 else "")
+    raise UserInputError(f"--method {config.method} needs a real-analytic model for its guarantee, but "
+                         f"these modules are not: {names}; use --activation softplus, or pass "
+                         "--allow-non-analytic to run with a certificate saying the guarantee does "
+                         "not apply")
 
 
 def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -186,16 +239,44 @@ def predict(run: Run, split: str = "train") -> torch.Tensor:
 
 
 def evaluate(run: Run) -> dict[str, Any]:
-    """Training loss and error on the whole training set; test error where there is a test set."""
-    out = predict(run, "train")
-    row: dict[str, Any] = {"loss": float(run.loss(out.float(), run.y))}
-    errors = run.loss.errors(out, run.y)
-    row["train_error"] = None if errors is None else float(errors) / run.dataset.n
+    """Training loss and error on the whole training set; test error where there is a test set.
+
+    Under DDP every rank must call it: chunk ``k`` is evaluated on rank ``k mod world`` and the
+    per-chunk sums are reduced across ranks and added in chunk order (in float64), so the figures
+    do not depend on the number of ranks.
+    """
+    loss_sum, errors = _split_sums(run, "train")
+    row: dict[str, Any] = {"loss": loss_sum / run.dataset.n}
+    row["train_error"] = None if errors is None else errors / run.dataset.n
     row["test_error"] = None
     if run.x_test is not None:
-        test_errors = run.loss.errors(predict(run, "test"), run.y_test)
-        row["test_error"] = None if test_errors is None else float(test_errors) / len(run.y_test)
+        _, test_errors = _split_sums(run, "test")
+        row["test_error"] = None if test_errors is None else test_errors / len(run.y_test)
     return row
+
+
+def _split_sums(run: Run, split: str) -> tuple[float, float | None]:
+    """Summed per-sample loss and number of errors over a split (None: no classes)."""
+    cached = None
+    if run.cache is not None:
+        cached = run.cache.train if split == "train" else run.cache.test
+    if cached is not None:
+        source, fn = cached, run.split.head
+    else:
+        source, fn = (run.x if split == "train" else run.x_test), run.model
+    targets = run.y if split == "train" else run.y_test
+    chunks = torch.split(source, EVAL_CHUNK)
+    sums = torch.zeros(len(chunks), 2, dtype=torch.float64, device=source.device)
+    with evaluation_mode(run.model):
+        for k, chunk in enumerate(chunks):
+            if owns_chunk(k, run.ctx):
+                out = _autocast_forward(run, fn, chunk).float()
+                y = targets[k * EVAL_CHUNK:(k + 1) * EVAL_CHUNK]
+                sums[k, 0] = run.loss.per_sample(out, y).double().sum()
+                errors = run.loss.errors(out, y)
+                sums[k, 1] = math.nan if errors is None else errors
+    sums = all_reduce_sum(sums, run.ctx).sum(dim=0).tolist()
+    return sums[0], None if math.isnan(sums[1]) else sums[1]
 
 
 def _autocast_forward(run: Run, fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +325,8 @@ def make_closure(run: Run, step: int) -> Callable[[], torch.Tensor]:
 
     def closure() -> torch.Tensor:
         zero_grad(run)
-        out = _autocast_forward(run, run.train_module, inputs)
+        with synchronised_batchnorm(run.ctx.distributed):
+            out = _autocast_forward(run, run.train_module, inputs)
         local_sum = run.loss.per_sample(out.float(), targets).sum()
         (local_sum * scale).backward()
         return all_reduce_sum(local_sum.detach(), run.ctx) / len(global_index)
@@ -273,19 +355,23 @@ def attach_train_module(run: Run) -> None:
     cached features, or the model with its frozen trunk. Under DDP phase 2 wraps only the head
     in a fresh DDP instance: the trunk's ``requires_grad`` changed at the switch."""
     if run.phase == 1:
-        module = run.model
-        if run.config.compile:
-            module = torch.compile(module)
-        run.train_module = DistributedDataParallel(module) if run.ctx.distributed else module
+        module = _ddp(run.model, run.ctx) if run.ctx.distributed else run.model
+        run.train_module = torch.compile(module) if run.config.compile else module
         return
     head = run.split.head
     if run.ctx.distributed:
-        head = DistributedDataParallel(head)
+        head = _ddp(head, run.ctx)
     if run.cache is not None:
         run.train_module = head
     else:
         split = run.split
         run.train_module = _FrozenTrunkThen(split, head)
+
+
+def _ddp(module: nn.Module, ctx: DistContext) -> DistributedDataParallel:
+    """``module`` in DDP, on this rank's GPU where there is one."""
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
 
 
 class _FrozenTrunkThen(nn.Module):
@@ -304,11 +390,17 @@ def build_feature_cache(run: Run) -> FeatureCache | None:
     if not run.config.cache_features or run.config.augment or run.split is None:
         return None
     with evaluation_mode(run.model):
-        train = torch.cat([run.split.features(c) for c in torch.split(run.x, EVAL_CHUNK)])
-        test = None
-        if run.x_test is not None:
-            test = torch.cat([run.split.features(c) for c in torch.split(run.x_test, EVAL_CHUNK)])
+        train = _trunk_features(run, run.x)
+        test = _trunk_features(run, run.x_test) if run.x_test is not None else None
     return FeatureCache(train, test)
+
+
+def _trunk_features(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """Trunk features of ``x`` in chunks; under DDP each rank computes its chunks and every rank
+    receives all of them (the same tensor one process computes)."""
+    chunks = torch.split(x, EVAL_CHUNK)
+    parts = {k: run.split.features(c) for k, c in enumerate(chunks) if owns_chunk(k, run.ctx)}
+    return assemble_chunks(parts, [len(c) for c in chunks], run.ctx)
 
 
 def make_certificate(run: Run) -> dict[str, Any]:
@@ -336,22 +428,28 @@ def enter_phase2(run: Run) -> None:
 
 # -- logging -----------------------------------------------------------------------------------
 def log_row(run: Run, callbacks: list[Callback]) -> dict[str, Any]:
+    """Evaluate (on every rank, reduced across ranks); alignment checks and callbacks run on
+    rank 0, whose row every rank then keeps."""
     started = time.perf_counter()
     row: dict[str, Any] = {"step": run.step, "epoch": run.step / run.schedule.steps_per_epoch,
                            "phase": run.phase, **evaluate(run), "alignment_ok": None, "q_t": None}
     every = run.config.track_alignment_every
-    if every and run.step % every == 0:
-        from .. import conditions
+    if run.ctx.is_main:
+        if every and run.step % every == 0:
+            from .. import conditions
 
-        verdict = conditions.alignment(run.model, run.x, run.y, loss=run.loss)
-        ok = verdict.verdict == "verified"
-        run.alignment_checks += 1
-        run.q_t += 0 if ok else 1
-        row["alignment_ok"] = int(ok)
-    if every:
-        row["q_t"] = run.q_t
-    for callback in callbacks:
-        callback(LogEvent(run.step, run.phase, run.model, run.dataset, run.loss, row))
+            verdict = conditions.alignment(run.model, run.x, run.y, loss=run.loss)
+            ok = verdict.verdict == "verified"
+            run.alignment_checks += 1
+            run.q_t += 0 if ok else 1
+            row["alignment_ok"] = int(ok)
+        if every:
+            row["q_t"] = run.q_t
+        for callback in callbacks:
+            callback(LogEvent(run.step, run.phase, run.model, run.dataset, run.loss, row))
+    if run.ctx.distributed:
+        row, run.q_t, run.alignment_checks = broadcast_object((row, run.q_t, run.alignment_checks),
+                                                              run.ctx)
     run.rows.append(row)
     run.seconds["evaluation"] += time.perf_counter() - started
     return row
@@ -374,16 +472,22 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "certificate": run.certificate, "seconds": run.seconds}
 
 
-def write_checkpoint(run: Run, out: Path | None) -> None:
+def write_checkpoint(run: Run, out: Path | None, phase: int | None = None) -> None:
+    """Save the run's state, after checking that every parameter is finite: a checkpoint is
+    always a good one (``phase``: that of the step just taken, for the error message)."""
+    _check_parameters(run, run.phase if phase is None else phase, out)
     if out is not None and run.ctx.is_main:
         save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(run))
+    run.checkpoint_step = run.step
     barrier(run.ctx)
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
     """Continue ``run`` from a checkpoint of the same configuration."""
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise UserInputError(f"checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise UserInputError(f"the checkpoint is not one of gconv train (format {found!r}); expected "
+                             f"format {CHECKPOINT_FORMAT}")
     saved = TrainConfig.from_dict(state["config"]).to_dict()
     changed = [k for k, v in run.config.to_dict().items()
                if k not in RESULT_INSENSITIVE and saved.get(k) != v]
@@ -398,6 +502,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.step, run.rows, run.q_t = state["step"], state["rows"], state["q_t"]
     run.alignment_checks, run.certificate = state["alignment_checks"], state["certificate"]
     run.seconds.update(state["seconds"])
+    run.checkpoint_step = run.step
     restore_rng(state["rng"])
 
 
@@ -410,31 +515,65 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
     Runs on the CPU with float32 subnormals flushed to zero (SPEC §2). ``stop_after`` ends the
     run early after that many steps (with a checkpoint), as an interruption would.
     """
+    if not isinstance(config, TrainConfig):
+        raise UserInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if stop_after is not None and (not isinstance(stop_after, int) or isinstance(stop_after, bool)
+                                   or stop_after < 1):
+        raise UserInputError(f"stop_after must be a positive integer, got {stop_after!r}")
+    out_path = check_out(out)
+    if resume and out_path is None:
+        raise UserInputError("--resume needs --out DIR holding checkpoint.pt")
     run = build_run(config)
-    out_path = Path(out) if out is not None else None
     if resume:
-        if out_path is None:
-            raise UserInputError("--resume needs --out DIR holding checkpoint.pt")
         restore(run, load_checkpoint(out_path / CHECKPOINT_NAME))
+    created = out_path is not None and run.ctx.is_main and not out_path.exists()
     if out_path is not None and run.ctx.is_main:
         out_path.mkdir(parents=True, exist_ok=True)
-    with flush_denormals(run.ctx.device.type == "cpu"):
-        if run.phase == 2:
-            enter_phase2(run)
-        else:
-            attach_train_module(run)
-        _loop(run, out_path, callbacks or [], progress, stop_after)
-        summary = make_summary(run)
-    if out_path is not None and run.ctx.is_main:
-        write_outputs(run, out_path, summary)
+        remove_stale_temporaries(out_path, (CHECKPOINT_NAME, *OUTPUT_FILES))
+        if not resume:
+            for name in OUTPUT_FILES:
+                (out_path / name).unlink(missing_ok=True)
+    try:
+        with flush_denormals(run.ctx.device.type == "cpu"):
+            if run.phase == 2:
+                enter_phase2(run)
+            else:
+                attach_train_module(run)
+            _loop(run, out_path, callbacks or [], progress, stop_after)
+            summary = make_summary(run)
+        if out_path is not None and run.ctx.is_main:
+            write_outputs(run, out_path, summary)
+    except BaseException:
+        if created and out_path.is_dir() and not any(out_path.iterdir()):
+            out_path.rmdir()        # leave no empty folder behind a run that wrote nothing
+        raise
     barrier(run.ctx)
     return summary
+
+
+def check_out(out: str | Path | None) -> Path | None:
+    """``out`` as a Path, refused when it cannot become the run's folder."""
+    if out is None:
+        return None
+    if not isinstance(out, (str, Path)) or not str(out).strip():
+        raise UserInputError(f"--out must name a folder, got {out!r}")
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"--out {str(out)!r} exists and is not a folder; expected a folder "
+                             "(new or from an earlier run)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserInputError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"--out {str(out)!r} cannot be written: no write permission on "
+                             f"{str(existing)!r}")
+    return path
 
 
 def _loop(run: Run, out: Path | None, callbacks: list[Callback], progress: bool,
           stop_after: int | None) -> None:
     s, every = run.schedule, run.config.checkpoint_every
-    if run.step == 0 and not run.rows and run.ctx.is_main:
+    if run.step == 0 and not run.rows:
         log_row(run, callbacks)
     bar = _progress_bar(run, progress)
     last = s.total if stop_after is None else min(s.total, run.step + stop_after)
@@ -444,17 +583,18 @@ def _loop(run: Run, out: Path | None, callbacks: list[Callback], progress: bool,
         run.step += 1
         run.seconds[f"phase{phase}"] += time.perf_counter() - started
         _check_finite(run, loss, phase, out)
-        if phase == 1 and run.phase == 2:
+        switched = phase == 1 and run.phase == 2
+        if switched:
             _on_switch(run, out)
-        if _should_log(run) and run.ctx.is_main:
+        if _should_log(run):
             row = log_row(run, callbacks)
             _check_finite(run, row["loss"], run.phase, out)
             if bar is not None:
                 bar.set_postfix(phase=run.phase, loss=f"{row['loss']:.3g}",
                                 error=row["train_error"] if row["train_error"] is None
                                 else f"{row['train_error']:.3f}")
-        if every and run.step % every == 0 and run.step != s.tau:
-            write_checkpoint(run, out)
+        if switched or (every and run.step % every == 0):     # after the log row: it holds
+            write_checkpoint(run, out, phase)                   # the switch's alignment check
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -463,21 +603,40 @@ def _loop(run: Run, out: Path | None, callbacks: list[Callback], progress: bool,
 
 
 def _on_switch(run: Run, out: Path | None) -> None:
+    """Certificate and phase-2 set-up; ``_loop`` writes the switch's checkpoint after its log row."""
+    _check_parameters(run, 1, out)
     started = time.perf_counter()
     if run.ctx.is_main:
         run.certificate = make_certificate(run)
+    run.certificate = broadcast_object(run.certificate, run.ctx)
     run.seconds["switch"] += time.perf_counter() - started
     enter_phase2(run)
-    write_checkpoint(run, out)
 
 
 def _check_finite(run: Run, loss: float, phase: int, out: Path | None) -> None:
     if math.isfinite(loss):
         return
-    where = (f"the last good checkpoint is kept in {out / CHECKPOINT_NAME}" if out is not None
-             and (out / CHECKPOINT_NAME).exists() else "no checkpoint was written")
-    raise NumericalError(f"training loss became {loss} at step {run.step} (phase {phase}); {where}. "
-                         "Lower --lr or check the data.")
+    raise NumericalError(f"training loss became {loss} at step {run.step} (phase {phase}); "
+                         f"{_last_good(run, out)}. Lower --lr or check the data.")
+
+
+def _check_parameters(run: Run, phase: int, out: Path | None) -> None:
+    """A finite loss can still be followed by an update to inf/NaN parameters: never checkpoint
+    (or certify) those."""
+    named = list(run.model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named]) if named else None
+    if finite is not None and not bool(finite.all()):     # one device sync, not one per tensor
+        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NumericalError(f"parameters became non-finite at step {run.step} (phase {phase}): "
+                             f"{names}; {_last_good(run, out)}. Lower --lr or check the data.")
+
+
+def _last_good(run: Run, out: Path | None) -> str:
+    if out is not None and run.checkpoint_step is not None and (out / CHECKPOINT_NAME).exists():
+        return (f"the last good checkpoint (step {run.checkpoint_step}) is kept in "
+                f"{out / CHECKPOINT_NAME}")
+    return "no checkpoint was written"
 
 
 def _progress_bar(run: Run, progress: bool):
