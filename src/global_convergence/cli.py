@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -122,6 +123,8 @@ def _train(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{Path(args.data).stem}-{args.model}-{args.method}-s{args.seed}"
     summary = train(config, out, resume=args.resume, progress=not args.quiet)
     error = summary["train_error"]
+    if os.environ.get("RANK", "0") != "0":
+        return 0      # under torchrun only rank 0 reports
     print(f"{args.method} {args.model} on {args.data}: train loss {summary['train_loss']:.4g}"
           + ("" if error is None else f", train error {100 * error:.2f} %")
           + ("" if summary["test_error"] is None else f", test error {100 * summary['test_error']:.2f} %")
