@@ -231,3 +231,25 @@ def test_aaai_table2_smoke(smoke):
     assert list(data["ours"]) == ["delta0.001-tau0.5"] and data["best"] == {"delta0": 1e-3,
                                                                             "tau0": 0.5}
     assert "1.92 (0.06)" in report(out) and "KMNIST" in report(out)
+
+
+# -- the cpu presets (minutes; run with -m slow) -----------------------------------------------
+@pytest.mark.slow
+def test_neco_fig1a_cpu_shows_the_phenomenon(tmp_path):
+    reproduce("neco-fig1a", preset="cpu", out=tmp_path, progress=False)
+    ours = results(tmp_path)["ours"]
+    assert ours["two-moons"]["train_error"] == [0.0, 0.0]
+    assert all(f == 0 for f in ours["two-moons"]["failed_after_start"])
+    assert all(e > 0.15 for e in ours["sine"]["train_error"])
+    assert all(q > c / 2 for q, c in zip(ours["sine"]["q_t"], ours["sine"]["alignment_checks"]))
+
+
+@pytest.mark.slow
+def test_neco_fig2_cpu_ee_escapes_where_gd_is_stuck(tmp_path):
+    reproduce("neco-fig2", preset="cpu", out=tmp_path, progress=False)
+    ours = results(tmp_path)["ours"]
+    assert all(e > 0.15 for e in ours["base GD"]["train_error"])
+    assert ours["EE + L-BFGS"]["train_error"] == [0.0, 0.0, 0.0]
+    assert min(ours["EE + GD"]["train_error"]) < min(ours["base GD"]["train_error"])
+    assert all(f > t for f, t in zip(ours["EE + GD"]["ntk_change_final"],
+                                      ours["EE + GD"]["ntk_change_at_tau"]))
