@@ -227,11 +227,21 @@ def test_two_phase_certificate_bound_only_for_full_batch_gd(points):
     model = two_phase_model(MLP(5, 1), 60)
     model.freeze_trunk()
     loss = make_loss("ce", 2)
-    cert = two_phase_certificate(model, points, loss, lr_used=1e-3, **GD)
+    cert = two_phase_certificate(model, points, loss, lr_used=1e-3, precision="float64", **GD)
     # L_H = (L_ℓ/n) Σ ‖[h_i, 1]‖², and ‖[h_i, 1]‖² = ‖∂f(x_i)/∂(output weight, bias)‖²
     head_grads = reference_jacobian(copy.deepcopy(model).double(), points.double())[:, -301:]
     expected = 0.25 / 60 * float(head_grads.pow(2).sum())
     assert cert["constants"]["L_H"] == pytest.approx(expected, rel=1e-10)
+    assert cert["condition"]["feature_precision"] == "float64"
+    # from float32 features: verified with the noise floor counted, L_H to float32 accuracy
+    fast = two_phase_certificate(model, points, loss, lr_used=1e-3, **GD)
+    assert fast["condition"]["feature_precision"] == "float32"
+    assert fast["condition"]["verdict"] == VERIFIED
+    assert fast["condition"]["tolerance"] >= fast["condition"]["noise_floor"] > 0
+    assert 0 < fast["condition"]["feature_error"]["measured_relative_error"] < 1e-5
+    assert fast["constants"]["L_H"] == pytest.approx(expected, rel=1e-5)
+    none = two_phase_certificate(model, points, loss, lr_used=None, **GD)
+    assert none["step_used"] == none["step_max"] and none["bound"] is not None
     assert cert["step_max"] == pytest.approx(1 / expected)
     assert cert["condition"]["verdict"] == VERIFIED
     assert all(cert["assumptions"].values()) and cert["bound_withheld_because"] == []
@@ -253,13 +263,35 @@ def test_two_phase_certificate_bound_only_for_full_batch_gd(points):
     assert dup["bound_withheld_because"] == ["condition_verified"]
 
 
+def test_certificate_decides_on_float64_features_when_float32_noise_hides_sigma_min(points):
+    """Two inputs 1e-5 apart: σ_min of [h, 1] is below the float32 features' noise floor but far
+    above the float64 tolerance, so the float32 attempt must not decide."""
+    torch.manual_seed(0)
+    model = two_phase_model(MLP(5, 1), 60)
+    model.freeze_trunk()
+    close = points.clone()
+    close[1] = close[0] + 1e-5
+    cert = two_phase_certificate(model, close, make_loss("ce", 2), lr_used=None, **GD)
+    condition = cert["condition"]
+    assert condition["feature_precision"] == "float64" and condition["verdict"] == VERIFIED
+    assert any("float32 features gave" in note for note in condition["notes"])
+    attempt = condition["float32_attempt"]
+    assert attempt["verdict"] != VERIFIED and attempt["tolerance"] > condition["smallest_kept"]
+    exact = two_phase_certificate(model, close, make_loss("ce", 2), lr_used=None,
+                                  precision="float64", **GD)
+    assert exact["constants"]["L_H"] == pytest.approx(cert["constants"]["L_H"], rel=1e-12)
+    with pytest.raises(UserInputError, match="certificate precision"):
+        two_phase_certificate(model, close, make_loss("ce", 2), lr_used=None, precision="half",
+                              **GD)
+
+
 def test_ee_certificate_constants_and_withholding(images):
     torch.manual_seed(0)
     model = ee_model(LeNet(1, 3), 40)
     model.freeze_trunk()
     model.head.freeze_gates()
     loss = make_loss("ce", 3)
-    cert = ee_certificate(model, images, loss, lr_used=1e-4, **GD)
+    cert = ee_certificate(model, images, loss, lr_used=1e-4, precision="float64", **GD)
     # Z_i = max_j ‖∂f_j(x_i)/∂W(H−1, j)‖ with the gates frozen ([diag(W(H)_j) ⊗ I] ϕ(R(j))_i)
     m64 = copy.deepcopy(model).double()
     j = reference_jacobian(m64.head, m64.features(images.double()))   # rows j·n + i
@@ -274,6 +306,9 @@ def test_ee_certificate_constants_and_withholding(images):
     assert cert["condition"]["verdict"] == VERIFIED and len(cert["condition"]["per_output"]) == 3
     assert cert["bound"] is not None and cert["bound"]["coefficient"] == pytest.approx(expected / 2)
     assert "B_eps_bar" in cert["bound"]["formula"]
+    fast = ee_certificate(model, images, loss, lr_used=1e-4, **GD)     # float32 features first
+    assert fast["condition"]["verdict"] == VERIFIED
+    assert fast["constants"]["L_hat"] == pytest.approx(expected, rel=1e-5)
     lbfgs = ee_certificate(model, images, loss, lr_used=1.0, **{**GD, "optimizer_name": "LBFGS"})
     assert lbfgs["bound"] is None and "gradient_descent" in lbfgs["bound_withheld_because"]
     minibatch = ee_certificate(model, images, loss, lr_used=1e-4, **{**GD, "full_batch": False})

@@ -23,7 +23,9 @@ such rounding and is held to 1e-12.
 
 The global batch of 25 splits 13 / 12 across the ranks (unequal shares), and the driver's runs
 use chunks of 16 samples for evaluation and the feature cache, so that chunks are spread over both
-ranks and reassembled.
+ranks and reassembled. The driver's two-phase run keeps its phase-2 features on disk
+(``--feature-cache disk``: chunks computed on both ranks, broadcast, each rank writing its own
+file), the 1-process reference in memory.
 """
 from __future__ import annotations
 
@@ -91,8 +93,8 @@ from global_convergence.training.distributed import init_distributed
 
 loop.plot_run = lambda *args, **kwargs: []
 spec = json.loads(sys.argv[1])
-assert main(spec["cli"]) == 0
 loop.EVAL_CHUNK = 16
+assert main(spec["cli"]) == 0
 for name, (options, stop) in spec["runs"].items():
     train(TrainConfig(**options), os.path.join(spec["root"], name), progress=False, stop_after=stop)
 ctx = init_distributed("cpu")
@@ -102,8 +104,8 @@ if ctx.rank == 0:
 '''
 
 
-def cli_args(method: str, out: Path) -> list[str]:
-    args = ["train", "--method", method, "--out", str(out), "--quiet"]
+def cli_args(method: str, out: Path, *extra: str) -> list[str]:
+    args = ["train", "--method", method, "--out", str(out), "--quiet", *extra]
     for key, value in COMMON.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
@@ -145,7 +147,7 @@ def runs(tmp_path_factory):
     launches = [(torchrun(["-m", "global_convergence", *cli_args("ee", root / "ee-2")], log), log)]
     driver = root / "driver.py"
     driver.write_text(DRIVER)
-    spec = {"root": str(root), "cli": cli_args("two-phase", root / "two-phase-2"),
+    spec = {"root": str(root), "cli": cli_args("two-phase", root / "two-phase-2", "--feature-cache", "disk"),
             "runs": {f"{m}-partial": ({**COMMON, **PARTIAL[m], "method": m}, stop)
                      for m, stop in STOPS.items()}}
     log = root / "driver.log"
@@ -196,6 +198,7 @@ def test_one_checkpoint_written_by_rank_zero_loads_without_ddp_prefixes(runs, me
     folder = runs / f"{method}-2"
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith((".", "checkpoint"))) \
         == [CHECKPOINT_NAME]
+    assert not list(folder.glob("feature-cache*"))      # the two-phase run's disk cache is gone
     state = load_checkpoint(folder / CHECKPOINT_NAME)
     assert not any(key.startswith("module.") for key in state["model"])
     assert state["step"] == 24 and state["config"]["method"] == method

@@ -112,11 +112,15 @@ CONFIGS = {
     # two-phase on two moons with momentum and weight decay
     "two-phase": tiny(data="two-moons", method="two-phase", tau=None, tau0=0.5,
                       track_alignment_every=None),
+    # full-batch GD exploiting with the certificate's step 1/L̂
+    "ee-step": tiny(batch_size=0, momentum=0.0, weight_decay=0.0, lr=0.5, exploit_lr="auto",
+                    track_alignment_every=None),
 }
 
 
 @pytest.mark.parametrize("name, stop", [("ee", 3), ("ee", 6), ("ee", 10), ("ee-lbfgs", 4),
-                                        ("ee-lbfgs", 9), ("two-phase", 5), ("two-phase", 8)])
+                                        ("ee-lbfgs", 9), ("two-phase", 5), ("two-phase", 8),
+                                        ("ee-step", 6), ("ee-step", 9)])
 def test_resume_before_and_after_the_switch_gives_the_uninterrupted_result(reference, tmp_path,
                                                                            name, stop):
     """``stop_after`` ends the run as an interruption would: before τ = 6, at τ, after τ."""
@@ -144,6 +148,39 @@ def test_crash_resumes_from_the_last_checkpoint_including_the_switch_one(
     assert not (tmp_path / "summary.json").exists()
     train(config, tmp_path, progress=False, resume=True)
     assert_same_run(reference("ee", CONFIGS["ee"]), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["ee", "two-phase"])
+def test_exploit_lr_auto_takes_the_certificates_step_and_earns_the_bound(method):
+    config = tiny(method=method, batch_size=0, momentum=0.0, weight_decay=0.0, lr=0.5,
+                  exploit_lr="auto", track_alignment_every=None, data="two-moons")
+    run = build_run(config)
+    loop.attach_train_module(run)
+    for _ in range(config.tau):
+        loop.train_step(run)
+        run.step += 1
+    loop._on_switch(run, None)
+    certificate = run.certificate
+    assert certificate["step_used"] == certificate["step_max"] != config.lr
+    assert [g["lr"] for g in run.wrapper.active_optimizer.param_groups] == \
+        [certificate["step_max"]]
+    assert "step_at_most_1_over_L" not in certificate["bound_withheld_because"]
+    fixed = build_run(tiny(method=method, exploit_lr=0.125, data="two-moons"))
+    fixed.certificate = None
+    loop.set_exploit_step(fixed)
+    assert fixed.wrapper.active_optimizer.param_groups[0]["lr"] == 0.125
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(exploit_lr=-1.0), "--exploit-lr must be a positive number or 'auto'"),
+    (dict(exploit_lr="fast"), "--exploit-lr must be a positive number or 'auto'"),
+    (dict(exploit_lr="auto", method="base"), "--method base has none"),
+    (dict(exploit_lr=0.1, exploit_optimizer="lbfgs"), "line search sets the step"),
+    (dict(certificate_precision="half"), "unknown --certificate-precision 'half'"),
+])
+def test_exploitation_options_are_checked(overrides, message):
+    with pytest.raises(UserInputError, match=message):
+        tiny(**overrides).validate()
 
 
 def test_checkpoint_holds_every_part_of_the_state(tmp_path):

@@ -31,6 +31,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _exploit_lr(text: str) -> float | str:
+    """``--exploit-lr``: ``auto`` or a number (checked by TrainConfig.validate)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model with base, two-phase or ee")
     p.add_argument("--data", required=True, help="dataset name or path of an .npz file")
@@ -55,6 +65,13 @@ def _add_train(sub) -> None:
     p.add_argument("--eps", type=float, default=1e-3, help="EE perturbation std ε")
     p.add_argument("--delta0", type=float, default=1e-3, help="two-phase perturbation std δ0")
     p.add_argument("--exploit-optimizer", default="same", help="same | lbfgs")
+    p.add_argument("--exploit-lr", type=_exploit_lr, default=None,
+                   help="step of the second phase: a number, or auto = the certificate's 1/L "
+                        "(the largest step its theorem allows); default: --lr")
+    p.add_argument("--certificate-precision", default="auto",
+                   help="auto (decide from the float32 feature cache with its measured error as "
+                        "a noise floor; float64 features only when that does not verify; "
+                        "default) | float64 (always a float64 feature pass)")
     p.add_argument("--loss", default="ce", help="ce | mse")
     p.add_argument("--n", type=int, help="number of training points (a seeded subset)")
     p.add_argument("--noise", type=float, help="two-moons noise")
@@ -68,7 +85,17 @@ def _add_train(sub) -> None:
     p.add_argument("--data-root", help="folder of the torchvision datasets")
     p.add_argument("--download", action="store_true", help="download torchvision datasets")
     p.add_argument("--no-cache-features", dest="cache_features", action="store_false",
-                   help="recompute trunk features every phase-2 step")
+                   help="recompute trunk features every phase-2 step (= --feature-cache off)")
+    p.add_argument("--feature-cache", default="auto",
+                   help="where phase 2 keeps the frozen trunk's features of every input: memory | "
+                        "disk (a float32 .npy file in OUT, written in chunks, read per batch, "
+                        "deleted at the end) | off (run the trunk every step) | auto (memory when it "
+                        "takes at most half the free GPU memory on CUDA, half the available RAM "
+                        "on the CPU, or 2 GiB without psutil; else disk; default)")
+    p.add_argument("--data-on-device", default="auto",
+                   help="CUDA only: yes (copy the data to the GPU) | no (keep them in pinned CPU "
+                        "memory, copy each batch) | auto (yes when they take at most half the free "
+                        "GPU memory; default)")
     p.add_argument("--allow-non-analytic", action="store_true",
                    help="run a non-analytic model; the certificate then says the guarantee fails")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")

@@ -20,16 +20,20 @@ L-BFGS or another optimizer void them.
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserInputError
 from ..linalg import Verdict
 from ..losses import Loss
 from ..models import non_analytic_modules
 from .expressivity import expressivity_of_features
-from .features import FEATURE_CHUNK, require_ee, require_split, trunk_features
+from .features import (FEATURE_CHUNK, relative_row_error, require_ee, require_split,
+                       sample_index, trunk_features)
 from .safe_exploration import gate_matrices, gate_values, safe_exploration_of_inputs
 
 GRADIENT_DESCENT_NAMES = ("sgd", "gd", "gradient_descent", "gradient-descent")
@@ -44,18 +48,23 @@ EE_FORMULA = "L(theta_t) <= inf_theta max(L(theta), eps_bar) + B_eps_bar^2 * L_h
 
 def two_phase_certificate(model: nn.Module, x: Tensor, loss: Loss, *, full_batch: bool,
                           momentum: float, weight_decay: float, optimizer_name: str,
-                          lr_used: float, analytic: bool | None = None,
-                          chunk_size: int = FEATURE_CHUNK) -> dict[str, Any]:
+                          lr_used: float | None, analytic: bool | None = None,
+                          chunk_size: int = FEATURE_CHUNK, features: Tensor | None = None,
+                          precision: str = "auto") -> dict[str, Any]:
     """The certificate of [KS21] Theorem 1(i) for a two-phase model right after the switch.
 
     ``analytic=None`` checks the model with :func:`~global_convergence.non_analytic_modules`.
-    Returns ``{"theorem", "condition", "constants", "step_max", "step_used", "assumptions",
-    "bound", "bound_withheld_because"}``.
+    ``lr_used=None`` means the step ``1/L_H`` itself. ``features`` (e.g. the run's float32
+    feature cache) and ``precision`` as in :func:`certified_features`. Returns ``{"theorem",
+    "condition", "constants", "step_max", "step_used", "assumptions", "bound",
+    "bound_withheld_because"}``.
     """
     model = require_split(model, "two_phase_certificate")
-    h, seconds = trunk_features(model, x, torch.float64, chunk_size)
-    verdict = expressivity_of_features(h)
-    verdict.seconds["features"] = seconds
+
+    def check(h: Tensor, error: float | None) -> Verdict:
+        return expressivity_of_features(h, feature_error=error)
+
+    h, verdict = certified_features(model, x, check, features, precision, chunk_size)
     l_h = loss.smoothness / h.shape[0] * float((h.pow(2).sum(dim=1) + 1.0).sum())
     constants = {"L_loss": loss.smoothness, "L_H": l_h}
     bound = {"theorem": "[KS21] Theorem 1(i)", "formula": TWO_PHASE_FORMULA,
@@ -67,16 +76,22 @@ def two_phase_certificate(model: nn.Module, x: Tensor, loss: Loss, *, full_batch
 
 
 def ee_certificate(model: nn.Module, x: Tensor, loss: Loss, *, full_batch: bool,
-                   momentum: float, weight_decay: float, optimizer_name: str, lr_used: float,
-                   analytic: bool | None = None,
-                   chunk_size: int = FEATURE_CHUNK) -> dict[str, Any]:
+                   momentum: float, weight_decay: float, optimizer_name: str,
+                   lr_used: float | None, analytic: bool | None = None,
+                   chunk_size: int = FEATURE_CHUNK, features: Tensor | None = None,
+                   precision: str = "auto") -> dict[str, Any]:
     """The certificate of [K22] Theorem 5 (gradient descent) for an EE model right after the
-    switch: safe exploration with ``q = R(j)`` for every output, ``L̂`` and the step ``1/L̂``."""
+    switch: safe exploration with ``q = R(j)`` for every output, ``L̂`` and the step ``1/L̂``
+    (``lr_used=None`` means that step). ``features`` and ``precision`` as in
+    :func:`certified_features`."""
     model = require_ee(model, "ee_certificate")
-    z_bar, seconds = trunk_features(model, x, torch.float64, chunk_size)
-    z = model.head.augmented_input(z_bar)
-    verdict = safe_exploration_of_inputs(model.head, z)
-    verdict.seconds["features"] = seconds
+    head = model.head
+
+    def check(z_bar: Tensor, error: float | None) -> Verdict:
+        return safe_exploration_of_inputs(head, head.augmented_input(z_bar), feature_error=error)
+
+    z_bar, verdict = certified_features(model, x, check, features, precision, chunk_size)
+    z = head.augmented_input(z_bar)
     l_hat = loss.smoothness * float(ee_row_bounds(model, z).pow(2).sum()) / z.shape[0]
     constants = {"L_loss": loss.smoothness, "L_hat": l_hat}
     bound = {"theorem": "[K22] Theorem 5 (gradient descent)", "formula": EE_FORMULA,
@@ -85,6 +100,67 @@ def ee_certificate(model: nn.Module, x: Tensor, loss: Loss, *, full_batch: bool,
                           "max(L, eps_bar) (unknown)"}
     return _certificate("ee", "[K22] Theorem 5", verdict, constants, l_hat, bound, model,
                         analytic, full_batch, momentum, weight_decay, optimizer_name, lr_used)
+
+
+CERTIFICATE_PRECISIONS = ("auto", "float64")
+
+
+def certified_features(model: nn.Module, x: Tensor,
+                       check: Callable[[Tensor, float | None], Verdict],
+                       features: Tensor | None, precision: str,
+                       chunk_size: int = FEATURE_CHUNK) -> tuple[Tensor, Verdict]:
+    """Trunk features of ``x`` (float64) and the verdict ``check(features, feature_error)``.
+
+    ``precision="float64"``: features from a float64 copy of the trunk (SPEC §4).
+    ``"auto"``: first the float32 features — ``features`` if given (the run's cache), else one
+    float32 pass — with their error measured against float64 on a sample
+    (:func:`~.features.relative_row_error`) counted as a noise floor in the tolerance; only
+    a *verified* verdict is accepted from them. Anything else is decided again on float64
+    features, so ``"auto"`` can save the float64 pass but never changes a verdict into
+    *verified* that float64 would not give. The constants (``L_H``, ``L̂``) are then computed
+    on the features the verdict used (relative error below ``feature_error``).
+    """
+    if precision not in CERTIFICATE_PRECISIONS:
+        raise UserInputError(f"certificate precision must be one of "
+                             f"{', '.join(CERTIFICATE_PRECISIONS)}, got {precision!r}")
+    if precision == "float64":
+        exact, seconds = trunk_features(model, x, torch.float64, chunk_size)
+        return exact, _checked(check, exact, None, seconds, "float64")
+    start = time.perf_counter()
+    if features is None:
+        features, _ = trunk_features(model, x, torch.float32, chunk_size)
+    index = sample_index(x.shape[0])
+    sample, _ = trunk_features(model, x[index.to(x.device)], torch.float64, chunk_size)
+    error = relative_row_error(features[index.to(features.device)], sample)
+    cast = features.flatten(1).to(sample.device, torch.float64)
+    verdict = _checked(check, cast, error.bound, time.perf_counter() - start, "float32")
+    verdict.details["feature_error"] = error.to_dict()
+    if verdict.verified:
+        return cast, verdict
+    attempt = {"verdict": verdict.verdict, "smallest_kept": verdict.smallest_kept,
+               "tolerance": verdict.tolerance, "feature_error": error.to_dict()}
+    start = time.perf_counter()
+    rest = torch.ones(x.shape[0], dtype=torch.bool)
+    rest[index] = False
+    exact = torch.empty_like(cast)
+    exact[index.to(exact.device)] = sample
+    if rest.any():
+        exact[rest.to(exact.device)], _ = trunk_features(model, x[rest.to(x.device)],
+                                                         torch.float64, chunk_size)
+    verdict = _checked(check, exact, None, time.perf_counter() - start, "float64")
+    verdict.details["float32_attempt"] = attempt
+    verdict.details.setdefault("notes", []).append(
+        f"float32 features gave '{attempt['verdict']}' with their noise floor counted; decided "
+        "again on float64 features")
+    return exact, verdict
+
+
+def _checked(check: Callable[[Tensor, float | None], Verdict], features: Tensor,
+             error: float | None, seconds: float, precision: str) -> Verdict:
+    verdict = check(features, error)
+    verdict.seconds["features"] = seconds
+    verdict.details["feature_precision"] = precision
+    return verdict
 
 
 def ee_row_bounds(model: nn.Module, z: Tensor) -> Tensor:
@@ -101,9 +177,11 @@ def ee_row_bounds(model: nn.Module, z: Tensor) -> Tensor:
 def _certificate(method: str, theorem: str, verdict: Verdict, constants: dict[str, float],
                  smoothness: float, bound: dict[str, Any], model: nn.Module,
                  analytic: bool | None, full_batch: bool, momentum: float, weight_decay: float,
-                 optimizer_name: str, lr_used: float) -> dict[str, Any]:
-    """Assemble the certificate; the bound only when every assumption holds."""
+                 optimizer_name: str, lr_used: float | None) -> dict[str, Any]:
+    """Assemble the certificate; the bound only when every assumption holds. ``lr_used=None``:
+    the step is ``1/L`` itself."""
     step_max = 1.0 / smoothness if smoothness > 0 else float("inf")
+    lr_used = step_max if lr_used is None else lr_used
     if analytic is None:
         analytic = not non_analytic_modules(model)
     assumptions = {

@@ -45,9 +45,13 @@ def expressivity(model: nn.Module, x: Tensor, *, dtype: torch.dtype = torch.floa
 
 
 def expressivity_of_features(h: Tensor, *, tol: float | None = None, band: float = RANK_BAND,
-                             method: str = "auto",
-                             memory_budget: int = FACTOR_MEMORY_BUDGET) -> Verdict:
-    """The expressivity verdict for given last-hidden-layer features ``h`` (n × m_H)."""
+                             method: str = "auto", memory_budget: int = FACTOR_MEMORY_BUDGET,
+                             feature_error: float | None = None) -> Verdict:
+    """The expressivity verdict for given last-hidden-layer features ``h`` (n × m_H).
+
+    ``feature_error``: a relative row error ``‖h̃_i − h_i‖ ≤ e‖h_i‖`` of ``h`` (e.g. a float32
+    pass); its noise floor ``e·‖h‖_F ≥ ‖[h̃, 1] − [h, 1]‖₂`` then bounds the tolerance below.
+    """
     if method not in METHODS:
         raise UserInputError(f"expressivity method must be one of {', '.join(METHODS)}, got "
                              f"{method!r}")
@@ -55,10 +59,13 @@ def expressivity_of_features(h: Tensor, *, tol: float | None = None, band: float
     if method == "auto":
         method = "dense" if DENSE_WORKSPACE * a.numel() * a.element_size() <= memory_budget \
             else "gram"
+    floor = 0.0 if feature_error is None else feature_error * float(h.norm())
     if method == "dense":
-        verdict = dense_rank_verdict(a, condition="expressivity", tol=tol, band=band)
+        verdict = dense_rank_verdict(a, condition="expressivity", tol=tol, band=band,
+                                     noise_floor=floor)
     else:
         verdict = factor_rank_verdict(DenseFactor(a), condition="expressivity", tol=tol,
-                                      band=band, factor_memory_budget=memory_budget)
+                                      band=band, factor_memory_budget=memory_budget,
+                                      noise_floor=floor)
     verdict.details["assumption"] = "[KS21] Assumption 1: rank([h_X, 1_n]) = n"
     return verdict

@@ -120,23 +120,39 @@ def safe_exploration_of_inputs(head: GatedHead, z: Tensor, *, q: Tensor | str | 
                                seed: int = 0, tol: float | None = None, band: float = RANK_BAND,
                                cross_check: bool = False,
                                factor_memory_budget: int = FACTOR_MEMORY_BUDGET,
-                               gram_memory_budget: int | None = None) -> Verdict:
-    """Assumption 10 for given head inputs ``Z = [z̄, 1]`` (n × m_{H−1})."""
+                               gram_memory_budget: int | None = None,
+                               feature_error: float | None = None) -> Verdict:
+    """Assumption 10 for given head inputs ``Z = [z̄, 1]`` (n × m_{H−1}); ``feature_error`` as
+    in :func:`noise_floor` raises each output's tolerance to that floor."""
     start = time.perf_counter()
     gates, source = gate_matrices(head, q, seed, z.dtype, z.device)
     results = []
     for label, qj in gates:
-        factor = KhatriRaoFactor(gate_values(z, qj, head.gate_sharpness), z)
-        verdict = factor_rank_verdict(factor, condition="safe-exploration", tol=tol, band=band,
-                                      cross_check=cross_check,
+        s = gate_values(z, qj, head.gate_sharpness)
+        floor = 0.0 if feature_error is None else noise_floor(z, s, qj, head.gate_sharpness,
+                                                              feature_error)
+        verdict = factor_rank_verdict(KhatriRaoFactor(s, z), condition="safe-exploration",
+                                      tol=tol, band=band, cross_check=cross_check,
                                       factor_memory_budget=factor_memory_budget,
-                                      gram_memory_budget=gram_memory_budget, seed=seed)
+                                      gram_memory_budget=gram_memory_budget, seed=seed,
+                                      noise_floor=floor)
         results.append((label, verdict))
     combined = combine_outputs(results)
     combined.details["q"] = source
     combined.details["assumption"] = "[K22] Assumption 10: rank ϕ(q, θ(1:H-2)) = n"
     combined.seconds["rank"] = time.perf_counter() - start
     return combined
+
+
+def noise_floor(z: Tensor, s: Tensor, q: Tensor, sharpness: float, feature_error: float) -> float:
+    """A bound on ``‖ϕ̃ − ϕ‖₂`` when every ``z̄_i`` carries a relative error ``e`` (the constant 1
+    is exact): with ``‖δz_i‖ ≤ e‖z̄_i‖``, ``‖δs_i‖ ≤ (ς'/4)‖q‖₂‖δz_i‖`` (σ̃' ≤ ς'/4) and
+    ``ϕ_i = s_i ⊗ z_i``, to first order ``‖δϕ_i‖ ≤ e‖z̄_i‖ ((ς'/4)‖q‖₂‖z_i‖ + ‖s_i‖)``, and
+    ``‖δϕ‖₂ ≤ ‖δϕ‖_F``."""
+    z_bar_norm = z[:, :-1].norm(dim=1)
+    q_norm = float(torch.linalg.matrix_norm(q, ord=2))
+    rows = feature_error * z_bar_norm * (sharpness / 4 * q_norm * z.norm(dim=1) + s.norm(dim=1))
+    return float(rows.norm())
 
 
 def combine_outputs(results: list[tuple[Any, Verdict]]) -> Verdict:

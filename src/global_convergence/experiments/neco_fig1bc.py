@@ -29,7 +29,9 @@ PAPER_OUTCOME = {
 class Fig1bcSettings:
     """One preset of [K22] Fig. 1b,c. ``semeion`` names the real data set; ``digits`` its offline
     stand-in. Optimizer: full-batch gradient descent (the setting of the theory; the paper's
-    appendix B with its exact optimizer and lr is not in our copy), lr 0.1."""
+    appendix B with its exact optimizer and lr is not in our copy), lr 0.1; the ``cpu`` preset
+    takes lr 0.4 for 800 steps (in a probe at n = 1000, LeNet m_c = 1 on random labels was at
+    14 % error after 800 steps with lr 0.4 and at 19 % after 1500 with lr 0.1)."""
 
     datasets: tuple[str, ...] = ("semeion", "random")
     widths: tuple[int, ...] = (4, 2, 1)
@@ -44,7 +46,8 @@ class Fig1bcSettings:
 PRESETS = {
     "smoke": Fig1bcSettings(datasets=("digits", "random"), widths=(1,), seeds=(0,), n=40,
                             steps=20, alignment_every=10),
-    "cpu": Fig1bcSettings(datasets=("digits", "random"), n=200, steps=1500, alignment_every=100),
+    "cpu": Fig1bcSettings(datasets=("digits", "random"), n=1000, steps=800, lr=0.4,
+                          alignment_every=100),
     "paper": Fig1bcSettings(),
 }
 

@@ -3,8 +3,9 @@
 Same setting as Figure 1a (the `mlp`, n = 100, full-batch GD), three trials. Plain GD stays stuck
 at a high training error; the EE wrapper A(GD) with ε = 0.01 and τ = 2000 explores with GD, perturbs
 θ(1:H−1), freezes the gates and exploits by training θ(H−1) alone, reaching zero training error.
-Two exploitation algorithms (SPEC §5): G̃ = G (GD with the same constant step as G, on cached
-trunk features — each step is cheap, so it runs longer) and G̃ = L-BFGS. Figure 3 plots
+Two exploitation algorithms (SPEC §5): G̃ = G (full-batch GD with the step ``1/L̂`` of the
+certificate — the largest Theorem 5 allows, so its bound holds — on cached trunk features; each
+step is cheap, so it runs longer) and G̃ = L-BFGS. Figure 3 plots
 ``‖M(θ_T) − M(θ_0)‖_F²`` over T; for EE it keeps growing after τ as θ(H−1) is trained.
 """
 from __future__ import annotations
@@ -54,7 +55,8 @@ PRESETS = {
 def variants(s: Fig2Settings) -> dict[str, dict[str, Any]]:
     """The three methods of the figure: base GD, A(GD) with G̃ = GD, A(GD) with G̃ = L-BFGS."""
     return {"base GD": dict(method="base", steps=s.base_steps),
-            "EE + GD": dict(method="ee", steps=s.ee_gd_steps, exploit_optimizer="same"),
+            "EE + GD": dict(method="ee", steps=s.ee_gd_steps, exploit_optimizer="same",
+                            exploit_lr="auto"),
             "EE + L-BFGS": dict(method="ee", steps=s.ee_lbfgs_steps, exploit_optimizer="lbfgs")}
 
 

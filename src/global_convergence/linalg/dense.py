@@ -88,10 +88,12 @@ def verdict_from_values(condition: str, target: int, shape: list[int], dtype: to
 
 def dense_rank_verdict(a: Tensor, target: int | None = None, *, condition: str = "rank",
                        tol: float | None = None, band: float = RANK_BAND,
-                       use_qr: bool = True) -> Verdict:
+                       use_qr: bool = True, noise_floor: float = 0.0) -> Verdict:
     """Decide ``rank(a) = target`` (default: the number of rows) by SVD and pivoted QR.
 
-    ``tol`` defaults to numpy's ``σ_max · max(rows, cols) · ε`` in ``a``'s precision. The verdict
+    ``tol`` defaults to numpy's ``σ_max · max(rows, cols) · ε`` in ``a``'s precision, raised to
+    ``noise_floor`` (a bound on ``‖a − a_exact‖₂``, e.g. from a float32 forward pass) when that is
+    larger: by Weyl's inequality ``|σ_k(a) − σ_k(a_exact)| ≤ ‖a − a_exact‖₂``. The verdict
     follows :func:`decide`; ``details["margin"]`` is the deciding singular value over ``tol``.
     """
     start = time.perf_counter()
@@ -99,10 +101,13 @@ def dense_rank_verdict(a: Tensor, target: int | None = None, *, condition: str =
     values = singular_values(a)
     sigma_max = float(values[0]) if values.size else 0.0
     tol = numpy_tolerance(sigma_max, a.shape, a.dtype) if tol is None else float(tol)
+    tol = max(tol, float(noise_floor))
     qr_diag = pivoted_qr_diagonal(a) if use_qr else None
     verdict = verdict_from_values(condition, target, list(a.shape), a.dtype, tol, values,
                                   qr_diag, band)
     verdict.details["route"] = "dense-svd-qr" if use_qr else "dense-svd"
+    if noise_floor:
+        verdict.details["noise_floor"] = float(noise_floor)
     verdict.seconds["rank"] = time.perf_counter() - start
     return verdict
 

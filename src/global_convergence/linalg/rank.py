@@ -164,7 +164,7 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
                         cross_check: bool = False,
                         factor_memory_budget: int = FACTOR_MEMORY_BUDGET,
                         gram_memory_budget: int | None = None, block: int | None = None,
-                        seed: int = 0) -> Verdict:
+                        seed: int = 0, noise_floor: float = 0.0) -> Verdict:
     """Decide ``rank(A) = target`` (default: all rows) for ``A`` given as a row factor.
 
     ``tol`` defaults to ``σ_max · max(rows, cols) · ε`` (numpy's convention; ``σ_max`` by Lanczos
@@ -172,14 +172,19 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     ``cols ≥ rows``; the factor route (SVD + pivoted QR of ``A`` through TSQR) when the
     certificate fails, or always with ``cross_check=True``, within ``factor_memory_budget``
     bytes. ``gram_memory_budget`` caps the blocked factorisation (default: 90 % of free memory);
-    ``block`` forces the blocked layout with that panel width.
+    ``block`` forces the blocked layout with that panel width. ``noise_floor`` (a bound on
+    ``‖A − A_exact‖₂``) raises the tolerance to at least itself (Weyl's inequality), so that
+    rounding in how ``A`` was computed cannot fake or hide a singular value.
     """
     start = time.perf_counter()
     n, cols, dtype = factor.rows, factor.cols, factor.dtype
     target = n if target is None else int(target)
     sigma_max = math.sqrt(max(largest_gram_eigenvalue(factor, seed), 0.0))
     tol = numpy_tolerance(sigma_max, factor.shape, dtype) if tol is None else float(tol)
+    tol = max(tol, float(noise_floor))
     details: dict[str, Any] = {"band": band, "sigma_max": sigma_max, "notes": []}
+    if noise_floor:
+        details["noise_floor"] = float(noise_floor)
     methods: dict[str, int] = {}
     route: list[str] = []
     cert = None

@@ -13,10 +13,13 @@ METHODS = ("base", "two-phase", "ee")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("cpu", "cuda")
 ACTIVATIONS = ("softplus", "relu")
+CERTIFICATE_PRECISIONS = ("auto", "float64")
 """Hidden activation of the built-in models: softplus(ς=100) is real analytic (SPEC §2); ``relu``
 is not, so ``two-phase`` and ``ee`` refuse it unless ``allow_non_analytic`` (then the certificate
 says that the guarantee does not apply). ``relu`` is there for baselines and for that refusal."""
 MAX_SEED = 2**32 - 1
+FEATURE_CACHES = ("auto", "memory", "disk", "off")
+DATA_PLACEMENTS = ("auto", "yes", "no")
 
 
 @dataclass
@@ -40,6 +43,14 @@ class TrainConfig:
     eps: float = 1e-3
     delta0: float = 1e-3
     exploit_optimizer: str = "same"
+    exploit_lr: float | str | None = None
+    """Step of a gradient exploitation optimizer from the switch on: None keeps ``lr``; ``"auto"``
+    takes the step ``1/L`` of the certificate ([KS21] ``1/L_H``, [K22] ``1/L̂``), the largest its
+    theorem allows; a number sets it. Not for L-BFGS (its line search sets the step)."""
+    certificate_precision: str = "auto"
+    """Features of the certificate at the switch: ``auto`` decides from the float32 features
+    (the phase-2 cache) with their measured error counted as a noise floor and recomputes them in
+    float64 only when that does not verify; ``float64`` always recomputes (SPEC §4)."""
     loss: str = "ce"
     n: int | None = None
     augment: bool = False
@@ -59,10 +70,37 @@ class TrainConfig:
     data_root: str | None = None
     download: bool = False
     cache_features: bool = True
+    """False: no phase-2 feature cache (the same as ``feature_cache="off"``)."""
+    feature_cache: str = "auto"
+    """Where phase 2 keeps the frozen trunk's features of every input: ``memory``, ``disk`` (a
+    float32 ``.npy`` file in the run's folder, or a temporary one, written chunk by chunk, read
+    per batch, removed at the end), ``off`` (the trunk runs in every step) or ``auto`` (memory
+    up to ``training.storage.memory_budget``, disk above)."""
+    data_on_device: str = "auto"
+    """CUDA only: ``yes`` copies the inputs to the GPU; ``no`` keeps them in pinned CPU memory and
+    copies each batch; ``auto``: yes when they take at most half the free GPU memory."""
     allow_non_analytic: bool = False
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
+
+    @property
+    def feature_cache_mode(self) -> str:
+        """``feature_cache``, or ``off`` when ``cache_features`` is False."""
+        return self.feature_cache if self.cache_features else "off"
+
+    def _validate_exploit_lr(self) -> None:
+        value = self.exploit_lr
+        if value is None:
+            return
+        if value != "auto" and not (_is_number(value) and value > 0):
+            raise UserInputError(f"--exploit-lr must be a positive number or 'auto', got {value!r}")
+        if self.method == "base":
+            raise UserInputError("--exploit-lr sets the step of the second phase; --method base "
+                                 "has none")
+        if self.method == "ee" and self.exploit_optimizer == "lbfgs":
+            raise UserInputError("--exploit-lr does not apply to --exploit-optimizer lbfgs: its "
+                                 "line search sets the step")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +119,13 @@ class TrainConfig:
         _one_of(self.exploit_optimizer, EXPLOIT_CHOICES, "exploit-optimizer")
         _one_of(self.device, DEVICES, "device")
         _one_of(self.activation, ACTIVATIONS, "activation")
+        _one_of(self.certificate_precision, CERTIFICATE_PRECISIONS, "certificate-precision")
+        self._validate_exploit_lr()
+        _one_of(self.feature_cache, FEATURE_CACHES, "feature-cache")
+        _one_of(self.data_on_device, DATA_PLACEMENTS, "data-on-device")
+        if not self.cache_features and self.feature_cache in ("memory", "disk"):
+            raise UserInputError(f"--no-cache-features contradicts --feature-cache "
+                                 f"{self.feature_cache}; give only one of them")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise UserInputError(f"--seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
         _positive(self.lr, "lr")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +111,24 @@ def assemble_chunks(parts: dict[int, torch.Tensor], sizes: list[int], ctx: DistC
         dist.broadcast(piece, src=k % ctx.world)
         start += size
     return out
+
+
+def stream_chunks(compute: Callable[[int], torch.Tensor], sizes: list[int],
+                  ctx: DistContext) -> Iterator[torch.Tensor]:
+    """All chunks of a sharded pass on every rank, in order, one at a time: chunk ``k`` is
+    ``compute(k)`` on its owner (:func:`owns_chunk`), broadcast from there. Rank 0 owns chunk 0,
+    which fixes the shape and dtype of the rest."""
+    meta = None
+    for k, size in enumerate(sizes):
+        part = compute(k) if owns_chunk(k, ctx) else None
+        if ctx.distributed:
+            if meta is None:
+                meta = broadcast_object((tuple(part.shape[1:]), part.dtype) if ctx.is_main else None,
+                                        ctx)
+            part = (part.contiguous() if part is not None
+                    else torch.empty((size, *meta[0]), dtype=meta[1], device=ctx.device))
+            dist.broadcast(part, src=k % ctx.world)
+        yield part
 
 
 # -- batch norm over the global batch ----------------------------------------------------------

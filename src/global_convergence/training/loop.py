@@ -7,7 +7,9 @@ run replays exactly the batches an uninterrupted run sees, on any number of rank
 
 The second phase trains only the head on a frozen trunk. Without augmentation the trunk features
 of the whole training (and test) set are computed once at the switch and the head trains on them
-(``cache_features``); with augmentation the trunk runs forward-only under ``no_grad``.
+(``feature_cache``: in memory or in a file on disk); with augmentation the trunk runs forward-only
+under ``no_grad``. On CUDA, inputs too large for the device stay in pinned CPU memory and each
+batch is copied over (``data_on_device``, see :mod:`.storage`).
 """
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -38,8 +43,11 @@ from .checkpoint import (atomic_write_text, load_checkpoint, remove_stale_tempor
 from .config import Schedule, TrainConfig, make_schedule
 from .distributed import (DistContext, all_reduce_sum, assemble_chunks, barrier, broadcast_object,
                           globalise_batchnorm, init_distributed, owns_chunk, rank_share,
-                          synchronised_batchnorm)
+                          stream_chunks, synchronised_batchnorm)
 from .metrics import plot_run, write_metrics
+from .storage import (Features, cache_storage, chunk_count, gather_rows, inputs_on_device,
+                      open_feature_file, place_inputs, read_rows, remove_files, tensor_bytes,
+                      to_device)
 
 EVAL_CHUNK = 1024
 """Samples per forward pass when evaluating or caching features."""
@@ -48,7 +56,8 @@ CHECKPOINT_FORMAT = 1
 OUTPUT_FILES = ("metrics.csv", "summary.json", "training.png", "q_t.png")
 """What a finished run writes besides the checkpoint; a fresh run removes a previous run's copies
 first, so that a folder never mixes a new checkpoint with an old summary."""
-RESULT_INSENSITIVE = {"device", "data_root", "download", "checkpoint_every", "log_every"}
+RESULT_INSENSITIVE = {"device", "data_root", "download", "checkpoint_every", "log_every",
+                      "data_on_device"}
 """Options a resumed run may change: they do not alter the numbers a run produces."""
 
 
@@ -80,6 +89,7 @@ class Run:
     schedule: Schedule
     ctx: DistContext
     x: torch.Tensor
+    """Training inputs: on ``ctx.device``, or in (pinned) CPU memory (``data_on_device``)."""
     y: torch.Tensor
     x_test: torch.Tensor | None
     y_test: torch.Tensor | None
@@ -91,6 +101,8 @@ class Run:
     seconds: dict[str, float] = field(default_factory=lambda: {"phase1": 0.0, "phase2": 0.0,
                                                                "switch": 0.0, "evaluation": 0.0})
     cache: "FeatureCache | None" = None
+    cache_dir: Path | None = None
+    """Folder of an on-disk feature cache (the run's ``out``); None: a temporary folder."""
     train_module: nn.Module | None = None
     checkpoint_step: int | None = None
     """Step of the last checkpoint written (or resumed from); None before the first."""
@@ -104,12 +116,22 @@ class Run:
         return self.model if isinstance(self.model, SplitNet) else None
 
 
-@dataclass
+@dataclass(eq=False)
 class FeatureCache:
-    """Trunk features ``z̄`` of the training (and test) inputs under the frozen trunk."""
+    """Trunk features ``z̄`` of the training (and test) inputs under the frozen trunk: tensors, or
+    memmaps of the float32 ``files`` (in ``folder`` when it is a temporary one). :meth:`close`,
+    or garbage collection, deletes the files and the temporary folder."""
 
-    train: torch.Tensor
-    test: torch.Tensor | None
+    train: Features
+    test: Features | None
+    files: list[Path] = field(default_factory=list)
+    folder: Path | None = None
+
+    def __post_init__(self) -> None:
+        self._cleanup = weakref.finalize(self, remove_files, list(self.files), self.folder)
+
+    def close(self) -> None:
+        self._cleanup()
 
 
 # -- building a run -----------------------------------------------------------------------------
@@ -142,8 +164,11 @@ def build_run(config: TrainConfig, ctx: DistContext | None = None) -> Run:
     if config.channels_last and len(dataset.input_shape) == 3:
         model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(config, model.parameters())
-    x, y = dataset.x_train.to(ctx.device), dataset.y_train.to(ctx.device)
-    x_test = dataset.x_test.to(ctx.device) if dataset.x_test is not None else None
+    on_device = inputs_on_device(config.data_on_device,
+                                 tensor_bytes(dataset.x_train, dataset.x_test), ctx.device)
+    x = place_inputs(dataset.x_train, on_device, ctx.device)
+    x_test = place_inputs(dataset.x_test, on_device, ctx.device) if dataset.x_test is not None else None
+    y = dataset.y_train.to(ctx.device)
     y_test = dataset.y_test.to(ctx.device) if dataset.y_test is not None else None
     wrapper = _make_wrapper(config, model, optimizer, schedule, x)
     return Run(config, dataset, loss, model, optimizer, wrapper, schedule, ctx, x, y, x_test, y_test)
@@ -227,15 +252,22 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 def predict(run: Run, split: str = "train") -> torch.Tensor:
     """Model outputs on a whole split, in chunks (cached features in phase 2)."""
+    source, fn = _eval_source(run, split)
+    device = run.ctx.device
+    with evaluation_mode(run.model):
+        return torch.cat([_autocast_forward(run, fn, read_rows(source, k * EVAL_CHUNK,
+                                                                (k + 1) * EVAL_CHUNK, device))
+                          for k in range(chunk_count(source, EVAL_CHUNK))])
+
+
+def _eval_source(run: Run, split: str) -> tuple[Features, nn.Module]:
+    """What evaluates a split: its cached features and the head, or its inputs and the model."""
     cached = None
     if run.cache is not None:
         cached = run.cache.train if split == "train" else run.cache.test
     if cached is not None:
-        source, fn = cached, run.split.head
-    else:
-        source, fn = (run.x if split == "train" else run.x_test), run.model
-    with evaluation_mode(run.model):
-        return torch.cat([_autocast_forward(run, fn, chunk) for chunk in torch.split(source, EVAL_CHUNK)])
+        return cached, run.split.head
+    return (run.x if split == "train" else run.x_test), run.model
 
 
 def evaluate(run: Run) -> dict[str, Any]:
@@ -257,19 +289,14 @@ def evaluate(run: Run) -> dict[str, Any]:
 
 def _split_sums(run: Run, split: str) -> tuple[float, float | None]:
     """Summed per-sample loss and number of errors over a split (None: no classes)."""
-    cached = None
-    if run.cache is not None:
-        cached = run.cache.train if split == "train" else run.cache.test
-    if cached is not None:
-        source, fn = cached, run.split.head
-    else:
-        source, fn = (run.x if split == "train" else run.x_test), run.model
+    source, fn = _eval_source(run, split)
     targets = run.y if split == "train" else run.y_test
-    chunks = torch.split(source, EVAL_CHUNK)
-    sums = torch.zeros(len(chunks), 2, dtype=torch.float64, device=source.device)
+    count = chunk_count(source, EVAL_CHUNK)
+    sums = torch.zeros(count, 2, dtype=torch.float64, device=run.ctx.device)
     with evaluation_mode(run.model):
-        for k, chunk in enumerate(chunks):
+        for k in range(count):
             if owns_chunk(k, run.ctx):
+                chunk = read_rows(source, k * EVAL_CHUNK, (k + 1) * EVAL_CHUNK, run.ctx.device)
                 out = _autocast_forward(run, fn, chunk).float()
                 y = targets[k * EVAL_CHUNK:(k + 1) * EVAL_CHUNK]
                 sums[k, 0] = run.loss.per_sample(out, y).double().sum()
@@ -299,13 +326,15 @@ def batch_indices(run: Run, step: int) -> torch.Tensor:
 
 
 def _inputs(run: Run, index: torch.Tensor, step: int) -> torch.Tensor:
-    """Inputs of a batch: cached features in a cached phase 2, else (augmented) raw inputs."""
+    """Inputs of a batch on the device: cached features in a cached phase 2, else (augmented) raw
+    inputs, gathered where they live."""
     if run.cache is not None:
-        return run.cache.train[index.to(run.cache.train.device)]
+        return gather_rows(run.cache.train, index, run.ctx.device)
     xb = run.x[index.to(run.x.device)]
     if run.config.augment:
         generator = torch.Generator().manual_seed(run.config.seed * 7_919 + step)
-        xb = augment_batch(xb.cpu(), run.dataset.augment, generator).to(run.x.device)
+        xb = augment_batch(xb.cpu(), run.dataset.augment, generator)
+    xb = to_device(xb, run.ctx.device)
     if run.config.channels_last and xb.dim() == 4:
         xb = xb.contiguous(memory_format=torch.channels_last)
     return xb
@@ -386,25 +415,82 @@ class _FrozenTrunkThen(nn.Module):
 
 
 def build_feature_cache(run: Run) -> FeatureCache | None:
-    """Trunk features of every training (and test) input, once, under the frozen trunk."""
-    if not run.config.cache_features or run.config.augment or run.split is None:
+    """Trunk features of every training (and test) input, once, under the frozen trunk: in memory,
+    or written chunk by chunk to float32 files (``feature_cache``)."""
+    if run.config.feature_cache_mode == "off" or run.config.augment or run.split is None:
         return None
     with evaluation_mode(run.model):
+        if _cache_storage(run) == "disk":
+            return _disk_feature_cache(run)
         train = _trunk_features(run, run.x)
         test = _trunk_features(run, run.x_test) if run.x_test is not None else None
     return FeatureCache(train, test)
 
 
+def _cache_storage(run: Run) -> str:
+    """``memory`` or ``disk``; for ``auto`` the size follows from the features of one input, and
+    under DDP rank 0's choice holds on every rank."""
+    choice = run.config.feature_cache_mode
+    if choice != "auto":
+        return choice
+    row = run.split.features(read_rows(run.x, 0, 1, run.ctx.device))
+    rows = len(run.x) + (len(run.x_test) if run.x_test is not None else 0)
+    return broadcast_object(cache_storage(choice, rows * row.numel() * row.element_size(),
+                                          run.ctx.device), run.ctx)
+
+
 def _trunk_features(run: Run, x: torch.Tensor) -> torch.Tensor:
     """Trunk features of ``x`` in chunks; under DDP each rank computes its chunks and every rank
     receives all of them (the same tensor one process computes)."""
-    chunks = torch.split(x, EVAL_CHUNK)
-    parts = {k: run.split.features(c) for k, c in enumerate(chunks) if owns_chunk(k, run.ctx)}
-    return assemble_chunks(parts, [len(c) for c in chunks], run.ctx)
+    sizes = _chunk_sizes(len(x))
+    parts = {k: _chunk_features(run, x, k) for k in range(len(sizes)) if owns_chunk(k, run.ctx)}
+    return assemble_chunks(parts, sizes, run.ctx)
+
+
+def _chunk_features(run: Run, x: torch.Tensor, k: int) -> torch.Tensor:
+    return run.split.features(read_rows(x, k * EVAL_CHUNK, (k + 1) * EVAL_CHUNK, run.ctx.device))
+
+
+def _chunk_sizes(n: int) -> list[int]:
+    return [min(EVAL_CHUNK, n - start) for start in range(0, n, EVAL_CHUNK)]
+
+
+CACHE_FILE = "feature-cache-{split}{rank}.npy"
+"""On-disk feature cache of a split (``-rank<r>`` under DDP: every rank writes its own copy)."""
+
+
+def _disk_feature_cache(run: Run) -> FeatureCache:
+    """The features in float32 ``.npy`` files in ``run.cache_dir`` (else a temporary folder)."""
+    temporary = Path(tempfile.mkdtemp(prefix="gconv-features-")) if run.cache_dir is None else None
+    folder = run.cache_dir if temporary is None else temporary
+    rank = f"-rank{run.ctx.rank}" if run.ctx.distributed else ""
+    inputs = {"train": run.x, "test": run.x_test}
+    files = {split: folder / CACHE_FILE.format(split=split, rank=rank)
+             for split, x in inputs.items() if x is not None}
+    try:
+        arrays = {split: _write_trunk_features(run, inputs[split], path) for split, path in files.items()}
+    except BaseException:
+        remove_files(list(files.values()), temporary)
+        raise
+    return FeatureCache(arrays["train"], arrays.get("test"), list(files.values()), temporary)
+
+
+def _write_trunk_features(run: Run, x: torch.Tensor, path: Path) -> np.memmap:
+    """Trunk features of ``x`` written to ``path`` one chunk at a time (under DDP each chunk is
+    computed on its rank and broadcast, as in :func:`_trunk_features`)."""
+    out, start = None, 0
+    for part in stream_chunks(lambda k: _chunk_features(run, x, k), _chunk_sizes(len(x)), run.ctx):
+        if out is None:
+            out = open_feature_file(path, len(x), tuple(part.shape[1:]))
+        out[start:start + len(part)] = part.float().cpu().numpy()
+        start += len(part)
+    out.flush()
+    return out
 
 
 def make_certificate(run: Run) -> dict[str, Any]:
-    """The condition checked on the actual state at the switch, constants and bound (SPEC §4)."""
+    """The condition checked on the actual state at the switch, constants and bound (SPEC §4),
+    from the phase-2 feature cache where there is one (``certificate_precision``)."""
     from .. import conditions
 
     c = run.config
@@ -413,10 +499,30 @@ def make_certificate(run: Run) -> dict[str, Any]:
                  weight_decay=c.weight_decay,
                  optimizer_name=c.optimizer if c.method != "ee" or c.exploit_optimizer == "same"
                  else c.exploit_optimizer,
-                 lr_used=c.lr, analytic=not non_analytic_modules(run.model))
+                 lr_used=None if c.exploit_lr == "auto" else (c.exploit_lr or c.lr),
+                 analytic=not non_analytic_modules(run.model),
+                 features=_cached_train_features(run), precision=c.certificate_precision)
     if isinstance(run.model, TwoPhaseModel):
         return conditions.two_phase_certificate(run.model, run.x, run.loss, **facts)
     return conditions.ee_certificate(run.model, run.x, run.loss, **facts)
+
+
+def _cached_train_features(run: Run) -> torch.Tensor | None:
+    """The cached float32 trunk features of the training inputs as one tensor, or None."""
+    if run.cache is None:
+        return None
+    train = run.cache.train
+    return train if isinstance(train, torch.Tensor) else torch.from_numpy(np.asarray(train))
+
+
+def set_exploit_step(run: Run) -> None:
+    """``exploit_lr``: the step of the second phase's optimizer — the certificate's ``step_used``
+    (``1/L`` for ``auto``) or the number given."""
+    if run.config.exploit_lr is None or run.wrapper is None:
+        return
+    step = float(run.certificate["step_used"]) if run.certificate else float(run.config.exploit_lr)
+    for group in run.wrapper.active_optimizer.param_groups:
+        group["lr"] = step
 
 
 def enter_phase2(run: Run) -> None:
@@ -488,11 +594,10 @@ def restore(run: Run, state: dict[str, Any]) -> None:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise UserInputError(f"the checkpoint is not one of gconv train (format {found!r}); expected "
                              f"format {CHECKPOINT_FORMAT}")
-    saved = TrainConfig.from_dict(state["config"]).to_dict()
-    changed = [k for k, v in run.config.to_dict().items()
-               if k not in RESULT_INSENSITIVE and saved.get(k) != v]
+    saved, current = _result_options(TrainConfig.from_dict(state["config"])), _result_options(run.config)
+    changed = [k for k, v in current.items() if saved.get(k) != v]
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {run.config.to_dict()[k]!r}" for k in changed)
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise UserInputError(f"--resume with options that differ from the checkpoint's ({details})")
     run.model.load_state_dict(state["model"])
     if run.wrapper is not None:
@@ -504,6 +609,15 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.seconds.update(state["seconds"])
     run.checkpoint_step = run.step
     restore_rng(state["rng"])
+
+
+def _result_options(config: TrainConfig) -> dict[str, Any]:
+    """The options that alter a run's numbers. Of the feature cache only whether there is one
+    counts: memory and disk hold the same float32 features."""
+    options = {k: v for k, v in config.to_dict().items() if k not in RESULT_INSENSITIVE}
+    del options["feature_cache"]
+    options["cache_features"] = config.feature_cache_mode != "off"
+    return options
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -524,6 +638,7 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
     if resume and out_path is None:
         raise UserInputError("--resume needs --out DIR holding checkpoint.pt")
     run = build_run(config)
+    run.cache_dir = out_path
     if resume:
         restore(run, load_checkpoint(out_path / CHECKPOINT_NAME))
     created = out_path is not None and run.ctx.is_main and not out_path.exists()
@@ -544,11 +659,20 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
         if out_path is not None and run.ctx.is_main:
             write_outputs(run, out_path, summary)
     except BaseException:
+        close_cache(run)
         if created and out_path.is_dir() and not any(out_path.iterdir()):
             out_path.rmdir()        # leave no empty folder behind a run that wrote nothing
         raise
+    close_cache(run)
     barrier(run.ctx)
     return summary
+
+
+def close_cache(run: Run) -> None:
+    """Drop the run's feature cache and delete its files, if it has any."""
+    if run.cache is not None:
+        run.cache.close()
+        run.cache = None
 
 
 def check_out(out: str | Path | None) -> Path | None:
@@ -603,14 +727,16 @@ def _loop(run: Run, out: Path | None, callbacks: list[Callback], progress: bool,
 
 
 def _on_switch(run: Run, out: Path | None) -> None:
-    """Certificate and phase-2 set-up; ``_loop`` writes the switch's checkpoint after its log row."""
+    """Phase-2 set-up (feature cache), then the certificate on those features and the
+    exploitation step; ``_loop`` writes the switch's checkpoint after its log row."""
     _check_parameters(run, 1, out)
+    enter_phase2(run)
     started = time.perf_counter()
     if run.ctx.is_main:
         run.certificate = make_certificate(run)
     run.certificate = broadcast_object(run.certificate, run.ctx)
+    set_exploit_step(run)
     run.seconds["switch"] += time.perf_counter() - started
-    enter_phase2(run)
 
 
 def _check_finite(run: Run, loss: float, phase: int, out: Path | None) -> None:
