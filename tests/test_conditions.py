@@ -181,6 +181,62 @@ def test_alignment_float32_test_against_numpy_matrix_rank():
     assert f64.precision == "float64" and f64.rank == np.linalg.matrix_rank(j64) >= v.rank
 
 
+def test_alignment_from_the_ntk_matches_the_jacobian_route_and_falls_back(monkeypatch):
+    """The default builds no J: its Gram is the float64 NTK. Where the Gram's uncertainty cannot
+    resolve the tolerance it must decide from the float32 J's factor, with the same ranks."""
+    import importlib
+    alignment_module = importlib.import_module("global_convergence.conditions.alignment")
+    torch.manual_seed(2)
+    model = LeNet(1, 1)
+    x = torch.randn(24, 1, 16, 16)
+    y = torch.randint(0, 2, (24,))
+    loss = make_loss("ce", 2)
+    fast = alignment(model, x, y, loss=loss)
+    assert fast.details["route"] == "gram-float64-eigh"
+    j = reference_jacobian(model, x)
+    direct = alignment_of_jacobian(j, 2.0 * y.double() - 1.0, n=24)
+    assert (fast.rank, fast.details["rank_augmented"]) == (direct.rank,
+                                                           direct.details["rank_augmented"])
+    assert fast.tolerance == pytest.approx(direct.tolerance, rel=1e-5)
+    monkeypatch.setattr(alignment_module, "FLOAT32_JACOBIAN_SAFETY", 1e12)
+    slow = alignment(model, x, y, loss=loss)
+    assert slow.details["route"] == "tsqr-float64-svd"
+    assert (slow.rank, slow.details["rank_augmented"]) == (direct.rank,
+                                                           direct.details["rank_augmented"])
+
+
+def test_float64_gemm_convolution_equals_conv2d():
+    from global_convergence.conditions.features import GemmConv2d, precise_copy
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1,
+                                                                 bias=False),
+                        nn.Conv2d(16, 4, 2, dilation=2))
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    copy64 = precise_copy(net, torch.float64)
+    assert all(type(m) is GemmConv2d for m in copy64 if isinstance(m, nn.Conv2d))
+    assert torch.allclose(copy64(x), net.double()(x), rtol=1e-12, atol=1e-12)
+    assert type(precise_copy(net.float(), torch.float32)[0]) is nn.Conv2d
+
+
+def test_noise_floor_bounds_the_change_of_phi():
+    """‖ϕ(z + δz) − ϕ(z)‖₂ ≤ noise_floor when every ‖δz̄_i‖ ≤ e‖z̄_i‖ (first order, small e)."""
+    from global_convergence.conditions.safe_exploration import gate_values, noise_floor
+    g = torch.Generator().manual_seed(3)
+    n, m, width, e = 30, 6, 4, 1e-4
+    z = torch.cat([torch.randn(n, m, generator=g, dtype=F64), torch.ones(n, 1, dtype=F64)], 1)
+    q = torch.randn(width, m + 1, generator=g, dtype=F64)
+    s = gate_values(z, q, 1.0)
+    floor = noise_floor(z, s, q, 1.0, e)
+    for _ in range(5):
+        direction = torch.randn(n, m, generator=g, dtype=F64)
+        direction *= (e * z[:, :-1].norm(dim=1) / direction.norm(dim=1))[:, None]
+        moved = z.clone()
+        moved[:, :-1] += direction
+        phi = lambda zz: (gate_values(zz, q, 1.0)[:, :, None] * zz[:, None, :]).reshape(n, -1)
+        change = torch.linalg.matrix_norm(phi(moved) - phi(z), ord=2)
+        assert 0 < change <= floor
+
+
 def test_alignment_of_jacobian_checks_sizes():
     with pytest.raises(UserInputError, match="rows"):
         alignment_of_jacobian(torch.randn(10, 50), torch.randn(9))

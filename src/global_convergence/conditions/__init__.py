@@ -12,7 +12,8 @@ Rank verdicts are :class:`Verdict` objects (``.verdict`` is ``"verified"``, ``"n
 :mod:`global_convergence.linalg`.
 """
 from ..linalg import INCONCLUSIVE, NOT_VERIFIED, VERIFIED, Verdict
-from .alignment import RESIDUAL_THRESHOLD, alignment, alignment_of_jacobian, alignment_targets
+from .alignment import (RESIDUAL_THRESHOLD, alignment, alignment_of_gram, alignment_of_jacobian,
+                        alignment_targets)
 from .certificates import ee_certificate, ee_row_bounds, two_phase_certificate
 from .expressivity import expressivity, expressivity_of_features
 from .features import FEATURE_CHUNK, trunk_features
@@ -21,7 +22,7 @@ from .safe_exploration import (gate_matrices, he_initialise, safe_exploration,
                                safe_exploration_of_inputs)
 
 __all__ = ["FEATURE_CHUNK", "INCONCLUSIVE", "NOT_VERIFIED", "RESIDUAL_THRESHOLD", "VERIFIED",
-           "ConditionReport", "Verdict", "alignment", "alignment_of_jacobian",
+           "ConditionReport", "Verdict", "alignment", "alignment_of_gram", "alignment_of_jacobian",
            "alignment_targets", "ee_certificate", "ee_row_bounds", "expressivity",
            "expressivity_of_features", "gate_matrices", "he_initialise", "hidden_widths",
            "input_distinguishability", "safe_exploration", "safe_exploration_of_inputs",

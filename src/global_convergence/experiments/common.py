@@ -33,7 +33,7 @@ from ..data.vision import VISION
 from ..errors import UserInputError
 from ..models import SplitNet
 from ..training import CHECKPOINT_NAME, LogEvent, TrainConfig, atomic_write_text, load_checkpoint, train
-from ..training.loop import RESULT_INSENSITIVE
+from ..training.loop import result_options
 
 RUNS_DIR = "runs"
 """Sub-runs live in ``OUT/runs/<key>/``."""
@@ -120,7 +120,9 @@ class SubRun:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in RESULT_INSENSITIVE}
+    """The options that alter a run's numbers; options a saved config lacks (it predates them)
+    take their defaults, which reproduce the behaviour from before they existed."""
+    return result_options(TrainConfig.from_dict(config))
 
 
 def completed_summary(folder: Path, config: TrainConfig) -> dict[str, Any] | None:

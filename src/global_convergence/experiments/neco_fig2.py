@@ -88,17 +88,20 @@ def certificate_facts(run: SubRun) -> dict[str, Any] | None:
 
 def plot(ctx: Context, runs: list[SubRun], s: Fig2Settings) -> tuple[str, str]:
     """Fig. 2 (training error over steps, three trials) and Fig. 3 (‖ΔM‖² over steps)."""
-    errors, changes = [], []
+    errors, losses, changes = [], [], []
     for r in runs:
         variant = r.label["variant"]
         first = r.label["seed"] == s.seeds[0]
         steps, err = r.column("train_error")
         errors.append(Series(variant if first else None, steps, [100 * e for e in err],
                              COLORS[variant]))
+        losses.append(Series(variant if first else None, *r.column("loss"), COLORS[variant]))
         changes.append(Series(variant if first else None, *r.column("ntk_change"), COLORS[variant]))
-    fig2 = plot_panels(ctx.out / "fig2.png", [Panel(
-        "Fig. 2: training error, three trials", "step T", "training error (%)", errors,
-        vline=s.tau)])
+    fig2 = plot_panels(ctx.out / "fig2.png", [
+        Panel("Fig. 2: training error, three trials", "step T", "training error (%)", errors,
+              vline=s.tau),
+        Panel("training loss (GD with step 1/L̂ decreases it monotonically after τ)", "step T",
+              "training loss", losses, logy=True, vline=s.tau)])
     fig3 = plot_panels(ctx.out / "fig3.png", [Panel(
         "Fig. 3: ‖M(θ_T) − M(θ_0)‖_F²", "step T", "‖M(θ_T) − M(θ_0)‖²", changes, logy=True,
         vline=s.tau)])
@@ -117,12 +120,16 @@ def run(ctx: Context, s: Fig2Settings) -> Path:
         errors = [r.summary["train_error"] for r in mine]
         at_tau = [_value_at(r, "ntk_change", s.tau) for r in mine]
         final = [last_value(r, "ntk_change") for r in mine]
+        loss_at_tau = [_value_at(r, "loss", s.tau) for r in mine]
+        final_loss = [r.summary["train_loss"] for r in mine]
         results[variant] = {"train_error": errors, "steps": mine[0].summary["steps"],
+                            "train_loss_at_tau": loss_at_tau, "train_loss": final_loss,
                             "ntk_change_at_tau": at_tau, "ntk_change_final": final,
                             "seconds": [r.seconds for r in mine],
                             "certificate": [certificate_facts(r) for r in mine]}
         rows.append([variant, PAPER[variant], mine[0].summary["steps"],
                      fmt_mean_std(errors, 100), ", ".join(f"{100 * e:.0f}" for e in errors),
+                     ", ".join(f"{a:.3f} → {b:.3f}" for a, b in zip(loss_at_tau, final_loss)),
                      fmt_sci(mean_std(at_tau)[0]), fmt_sci(mean_std(final)[0]),
                      fmt_mean_std([r.seconds for r in mine], 1, 1)])
     report = Report(ctx, TITLE, SOURCE, s)
@@ -130,7 +137,8 @@ def run(ctx: Context, s: Fig2Settings) -> Path:
     report.section(
         "Figure 2 (training error) and Figure 3 (representation change)",
         md_table(["method", "paper", "steps", "ours: final train error (%) mean (std)",
-                  "per seed", f"‖ΔM‖² at τ = {s.tau}", "‖ΔM‖² at T", "seconds"], rows),
+                  "per seed", f"train loss at τ = {s.tau} → T, per seed",
+                  f"‖ΔM‖² at τ = {s.tau}", "‖ΔM‖² at T", "seconds"], rows),
         "Paper, Figure 3: " + PAPER["figure 3"] + ". ‖ΔM‖² is over all parameters; after τ the EE "
         "gates are fixed buffers, so θ = (trunk, θ(H−1), W(H)).")
     report.section("Certificates at the switch ([K22] Theorem 5)", _certificate_text(results))

@@ -594,7 +594,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise UserInputError(f"the checkpoint is not one of gconv train (format {found!r}); expected "
                              f"format {CHECKPOINT_FORMAT}")
-    saved, current = _result_options(TrainConfig.from_dict(state["config"])), _result_options(run.config)
+    saved, current = result_options(TrainConfig.from_dict(state["config"])), result_options(run.config)
     changed = [k for k, v in current.items() if saved.get(k) != v]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
@@ -611,7 +611,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     restore_rng(state["rng"])
 
 
-def _result_options(config: TrainConfig) -> dict[str, Any]:
+def result_options(config: TrainConfig) -> dict[str, Any]:
     """The options that alter a run's numbers. Of the feature cache only whether there is one
     counts: memory and disk hold the same float32 features."""
     options = {k: v for k, v in config.to_dict().items() if k not in RESULT_INSENSITIVE}
