@@ -9,6 +9,7 @@ Memory and disk hold the same float32 values, so they give the same numbers.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -24,8 +25,8 @@ fraction of its free memory (after the model is on it); else they stay in pinned
 CACHE_MEMORY_BUDGET: int | None = None
 """Bytes up to which ``feature_cache="auto"`` keeps the cache in memory; None: the default below."""
 CACHE_MEMORY_FRACTION = 0.5
-"""Default budget: this fraction of the free CUDA memory, or on the CPU of the available RAM where
-psutil is installed (else ``CACHE_MEMORY_BYTES``)."""
+"""Default budget: this fraction of the free CUDA memory, or on the CPU of the available RAM
+(psutil where installed, else the free pages ``os.sysconf`` reports, else ``CACHE_MEMORY_BYTES``)."""
 CACHE_MEMORY_BYTES = 2 * 2**30
 
 
@@ -98,9 +99,14 @@ def memory_budget(device: torch.device) -> int:
         return int(CACHE_MEMORY_FRACTION * torch.cuda.mem_get_info(device)[0])
     try:
         import psutil
+        return int(CACHE_MEMORY_FRACTION * psutil.virtual_memory().available)
     except ImportError:
+        pass
+    try:        # free physical memory (POSIX; page cache not counted, so on the safe side)
+        return int(CACHE_MEMORY_FRACTION * os.sysconf("SC_AVPHYS_PAGES")
+                   * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
         return CACHE_MEMORY_BYTES
-    return int(CACHE_MEMORY_FRACTION * psutil.virtual_memory().available)
 
 
 def cache_storage(choice: str, nbytes: int, device: torch.device) -> str:
