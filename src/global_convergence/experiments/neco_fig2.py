@@ -100,8 +100,8 @@ def plot(ctx: Context, runs: list[SubRun], s: Fig2Settings) -> tuple[str, str]:
     fig2 = plot_panels(ctx.out / "fig2.png", [
         Panel("Fig. 2: training error, three trials", "step T", "training error (%)", errors,
               vline=s.tau),
-        Panel("training loss (GD with step 1/L̂ decreases it monotonically after τ)", "step T",
-              "training loss", losses, logy=True, vline=s.tau)])
+        Panel("training loss, three trials", "step T", "training loss", losses, logy=True,
+              vline=s.tau)])
     fig3 = plot_panels(ctx.out / "fig3.png", [Panel(
         "Fig. 3: ‖M(θ_T) − M(θ_0)‖_F²", "step T", "‖M(θ_T) − M(θ_0)‖²", changes, logy=True,
         vline=s.tau)])

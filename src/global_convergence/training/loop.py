@@ -38,6 +38,7 @@ from ..models import (EEModel, SplitNet, TwoPhaseModel, build_model, ee_model, f
                       non_analytic_modules, two_phase_model)
 from ..models.surgery import replace_module
 from ..wrappers import EEWrapper, PhaseWrapper, TwoPhase
+from ..wrappers.ee import LBFGS_OPTIONS
 from .checkpoint import (atomic_write_text, load_checkpoint, remove_stale_temporaries, restore_rng,
                          save_checkpoint, seed_everything)
 from .config import Schedule, TrainConfig, make_schedule
@@ -499,12 +500,22 @@ def make_certificate(run: Run) -> dict[str, Any]:
                  weight_decay=c.weight_decay,
                  optimizer_name=c.optimizer if c.method != "ee" or c.exploit_optimizer == "same"
                  else c.exploit_optimizer,
-                 lr_used=None if c.exploit_lr == "auto" else (c.exploit_lr or c.lr),
+                 lr_used=_exploit_step(c),
                  analytic=not non_analytic_modules(run.model),
                  features=_cached_train_features(run), precision=c.certificate_precision)
     if isinstance(run.model, TwoPhaseModel):
         return conditions.two_phase_certificate(run.model, run.x, run.loss, **facts)
     return conditions.ee_certificate(run.model, run.x, run.loss, **facts)
+
+
+def _exploit_step(config: TrainConfig) -> float | None:
+    """The step of the second phase as the certificate states it: None for ``1/L`` itself,
+    L-BFGS's initial step (its line search scales it), or the learning rate used."""
+    if config.exploit_lr == "auto":
+        return None
+    if config.method == "ee" and config.exploit_optimizer == "lbfgs":
+        return LBFGS_OPTIONS["lr"]
+    return config.exploit_lr or config.lr
 
 
 def _cached_train_features(run: Run) -> torch.Tensor | None:
