@@ -205,6 +205,14 @@ def test_alignment_from_the_ntk_matches_the_jacobian_route_and_falls_back(monkey
                                                            direct.details["rank_augmented"])
 
 
+def test_sample_index_stays_inside_large_n():
+    from global_convergence.conditions.features import sample_index
+    for n in (1, 2, 63, 64, 65, 1000, 16_777_220, 100_000_006):
+        index = sample_index(n)
+        assert len(index) == min(n, 64) and index[0] == 0 and index[-1] == n - 1
+        assert bool((index[1:] > index[:-1]).all())
+
+
 def test_float64_gemm_convolution_equals_conv2d():
     from global_convergence.conditions.features import GemmConv2d, precise_copy
     torch.manual_seed(0)
@@ -216,6 +224,7 @@ def test_float64_gemm_convolution_equals_conv2d():
     assert all(type(m) is GemmConv2d for m in copy64 if isinstance(m, nn.Conv2d))
     assert torch.allclose(copy64(x), net.double()(x), rtol=1e-12, atol=1e-12)
     assert type(precise_copy(net.float(), torch.float32)[0]) is nn.Conv2d
+    assert copy64(x[:0]).shape == (0, 4, 2, 2)
 
 
 def test_noise_floor_bounds_the_change_of_phi():

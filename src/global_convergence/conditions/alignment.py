@@ -12,7 +12,8 @@ Singular values come from ``G = J Jᵀ``, and ``[J, y'][J, y']ᵀ = G + y'y'ᵀ`
 test ``G`` is the empirical NTK of a float64 copy of the model (:func:`~global_convergence.ntk.
 empirical_ntk`, structured where the layers allow: ``J`` is never formed — 2.3 s instead of 27 s
 for LeNet with d = 355,681 at n = 1000); it differs from the float32 ``J``'s Gram by rounding of
-order ``ε₃₂ tr G``, counted as eigenvalue uncertainty, far below a float32 tolerance squared.
+order ``ε₃₂ tr G`` (``FLOAT32_JACOBIAN_SAFETY`` times that is counted as eigenvalue
+uncertainty), far below a float32 tolerance squared.
 Where that uncertainty does not resolve the tolerance — and always for ``precision="float64"`` —
 the singular values come from the TSQR factor ``R`` of ``Jᵀ`` instead, whose augmented form is
 ``[R; y'ᵀ]``.
@@ -46,9 +47,10 @@ RESIDUAL_THRESHOLD = 1e-2
 """Default threshold of ``method="residual"``: verified iff at most 1 % of ``‖y'‖`` lies outside
 the numerically significant column space. A choice of this project: SPEC §4 measured 0.17–0.19
 on two moons where the rank test held, so the variants disagree by design."""
-FLOAT32_JACOBIAN_SAFETY = 10.0
+FLOAT32_JACOBIAN_SAFETY = 20.0
 """The Gram of the float32 ``J`` is taken to differ from the float64 one by at most this many
-``ε₃₂ tr G`` (each entry of ``J`` within a few float32 roundings)."""
+``ε₃₂ tr G``: an assumption, not a bound. Measured at initialisation: 0.12–0.18 for the `mlp`,
+0.05 for LeNet, 2.2 for ResNet-18 in train mode (n = 12)."""
 GRAM_COLUMN_CHUNK = 65536
 """Columns of ``J`` cast to float64 at a time when forming ``J Jᵀ`` or the TSQR factor."""
 
@@ -99,7 +101,8 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, *, loss: Loss | None = Non
     n = x.shape[0]
     targets = vec(alignment_targets(y, n, loss))
     if dtype == torch.float32:
-        gram = empirical_ntk(model, x, dtype=torch.float64, chunk_size=chunk_size)
+        gram = empirical_ntk(model, x.to(model_device(model)), dtype=torch.float64,
+                             chunk_size=chunk_size)
         seconds = time.perf_counter() - start
         d = sum(p.numel() for p in model.parameters() if p.requires_grad)
         verdict = alignment_of_gram(gram, targets, d=d, n=n, method=method, tol=tol,

@@ -132,7 +132,7 @@ def certified_features(model: nn.Module, x: Tensor,
     index = sample_index(x.shape[0])
     sample, _ = trunk_features(model, x[index.to(x.device)], torch.float64, chunk_size)
     error = relative_row_error(features[index.to(features.device)], sample)
-    cast = features.flatten(1).to(sample.device, torch.float64)
+    cast = features.flatten(1).to(sample.device, torch.float64, copy=True)
     verdict = _checked(check, cast, error.bound, time.perf_counter() - start, "float32")
     verdict.details["feature_error"] = error.to_dict()
     if verdict.verified:
@@ -140,19 +140,28 @@ def certified_features(model: nn.Module, x: Tensor,
     attempt = {"verdict": verdict.verdict, "smallest_kept": verdict.smallest_kept,
                "tolerance": verdict.tolerance, "feature_error": error.to_dict()}
     start = time.perf_counter()
-    rest = torch.ones(x.shape[0], dtype=torch.bool)
-    rest[index] = False
-    exact = torch.empty_like(cast)
-    exact[index.to(exact.device)] = sample
-    if rest.any():
-        exact[rest.to(exact.device)], _ = trunk_features(model, x[rest.to(x.device)],
-                                                         torch.float64, chunk_size)
+    exact = _overwrite_in_float64(model, x, cast, index, sample, chunk_size)
     verdict = _checked(check, exact, None, time.perf_counter() - start, "float64")
     verdict.details["float32_attempt"] = attempt
     verdict.details.setdefault("notes", []).append(
         f"float32 features gave '{attempt['verdict']}' with their noise floor counted; decided "
         "again on float64 features")
     return exact, verdict
+
+
+def _overwrite_in_float64(model: nn.Module, x: Tensor, features: Tensor, index: Tensor,
+                          sample: Tensor, chunk_size: int) -> Tensor:
+    """``features`` (float64, cast from float32) overwritten in place with float64 features:
+    the already recomputed rows ``index`` from ``sample``, the rest between them chunk by chunk
+    (no second n × m array)."""
+    features[index.to(features.device)] = sample
+    bounds = [-1, *index.tolist(), x.shape[0]]
+    for left, right in zip(bounds[:-1], bounds[1:]):
+        for start in range(left + 1, right, chunk_size):
+            stop = min(start + chunk_size, right)
+            features[start:stop], _ = trunk_features(model, x[start:stop], torch.float64,
+                                                     chunk_size)
+    return features
 
 
 def _checked(check: Callable[[Tensor, float | None], Verdict], features: Tensor,

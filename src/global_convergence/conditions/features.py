@@ -75,6 +75,8 @@ class GemmConv2d(nn.Conv2d):
             not isinstance(conv.padding, str)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[0] == 0:
+            return super().forward(x)
         n, _, height, width = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
                                                   self.dilation)
@@ -147,8 +149,10 @@ class FeatureError:
 
 def sample_index(n: int, samples: int = FEATURE_ERROR_SAMPLES) -> Tensor:
     """``min(n, samples)`` evenly spaced row indices of ``0..n−1``."""
-    return torch.linspace(0, n - 1, min(n, samples)).round().long().unique() if n else \
-        torch.zeros(0, dtype=torch.long)
+    k = min(n, samples)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return (torch.arange(k) * (n - 1) // max(k - 1, 1)).unique()
 
 
 def relative_row_error(approx: Tensor, exact: Tensor) -> FeatureError:

@@ -151,7 +151,8 @@ def noise_floor(z: Tensor, s: Tensor, q: Tensor, sharpness: float, feature_error
     ``‖δϕ‖₂ ≤ ‖δϕ‖_F``."""
     z_bar_norm = z[:, :-1].norm(dim=1)
     q_norm = float(torch.linalg.matrix_norm(q, ord=2))
-    rows = feature_error * z_bar_norm * (sharpness / 4 * q_norm * z.norm(dim=1) + s.norm(dim=1))
+    rows = feature_error * z_bar_norm * (abs(sharpness) / 4 * q_norm * z.norm(dim=1)
+                                         + s.norm(dim=1))
     return float(rows.norm())
 
 

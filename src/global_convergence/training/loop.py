@@ -532,6 +532,9 @@ def set_exploit_step(run: Run) -> None:
     if run.config.exploit_lr is None or run.wrapper is None:
         return
     step = float(run.certificate["step_used"]) if run.certificate else float(run.config.exploit_lr)
+    if not math.isfinite(step):
+        raise NumericalError("--exploit-lr auto: the certificate's smoothness constant is 0 (the "
+                             "output weights are all zero), so 1/L is infinite; give a number")
     for group in run.wrapper.active_optimizer.param_groups:
         group["lr"] = step
 
