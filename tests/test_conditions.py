@@ -332,9 +332,9 @@ def test_certificate_decides_on_float64_features_when_float32_noise_hides_sigma_
     """Two inputs 1e-5 apart: σ_min of [h, 1] is below the float32 features' noise floor but far
     above the float64 tolerance, so the float32 attempt must not decide."""
     torch.manual_seed(0)
-    model = two_phase_model(MLP(5, 1), 60)
+    model = two_phase_model(MLP(5, 1), 100)               # n = 100 > the 64 sampled rows
     model.freeze_trunk()
-    close = points.clone()
+    close = torch.cat([points, torch.randn(40, 5, generator=torch.Generator().manual_seed(4))])
     close[1] = close[0] + 1e-5
     cert = two_phase_certificate(model, close, make_loss("ce", 2), lr_used=None, **GD)
     condition = cert["condition"]

@@ -152,16 +152,20 @@ def certified_features(model: nn.Module, x: Tensor,
 def _overwrite_in_float64(model: nn.Module, x: Tensor, features: Tensor, index: Tensor,
                           sample: Tensor, chunk_size: int) -> Tensor:
     """``features`` (float64, cast from float32) overwritten in place with float64 features:
-    the already recomputed rows ``index`` from ``sample``, the rest between them chunk by chunk
-    (no second n × m array)."""
+    the already recomputed rows ``index`` from ``sample``, the others in groups of
+    ``RECOMPUTE_GROUP`` chunks (one float64 copy of the trunk per group, no second n × m array)."""
     features[index.to(features.device)] = sample
-    bounds = [-1, *index.tolist(), x.shape[0]]
-    for left, right in zip(bounds[:-1], bounds[1:]):
-        for start in range(left + 1, right, chunk_size):
-            stop = min(start + chunk_size, right)
-            features[start:stop], _ = trunk_features(model, x[start:stop], torch.float64,
-                                                     chunk_size)
+    rest = torch.ones(x.shape[0], dtype=torch.bool)
+    rest[index] = False
+    others = rest.nonzero().squeeze(1)
+    for group in torch.split(others, RECOMPUTE_GROUP * chunk_size) if len(others) else ():
+        features[group.to(features.device)], _ = trunk_features(
+            model, x[group.to(x.device)], torch.float64, chunk_size)
     return features
+
+
+RECOMPUTE_GROUP = 8
+"""Chunks of rows recomputed per float64 copy of the trunk in the certificate's fallback."""
 
 
 def _checked(check: Callable[[Tensor, float | None], Verdict], features: Tensor,
