@@ -36,13 +36,7 @@ STORAGES = {"memory": dict(feature_cache="memory"), "disk": dict(feature_cache="
             "off": dict(cache_features=False)}
 
 
-@pytest.fixture(autouse=True)
-def _quiet_and_one_thread(monkeypatch):
-    monkeypatch.setattr(loop, "plot_run", lambda *args, **kwargs: [])
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 
 
 def run(options: dict, out: Path | None, monkeypatch) -> tuple[list[dict], list, list[bool]]:

@@ -27,13 +27,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _quiet_and_one_thread(monkeypatch):
-    monkeypatch.setattr(loop, "plot_run", lambda *args, **kwargs: [])
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("quiet_one_thread")
 
 
 def run(options: dict, cache: bool, monkeypatch) -> tuple[list[dict], list]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..training import LogEvent, TrainConfig, atomic_write_text, train
+from ..training import TrainConfig, atomic_write_text, train
 
 SEEDS = (0, 1, 2)
 TAU = 2000

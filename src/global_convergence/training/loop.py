@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import Dataset, augment_batch, load_dataset
 from ..errors import NumericalError, UserInputError
 from ..losses import Loss, make_loss
-from ..models import (EEModel, SplitNet, TwoPhaseModel, build_model, ee_model, flush_denormals,
+from ..models import (SplitNet, TwoPhaseModel, build_model, ee_model, flush_denormals,
                       non_analytic_modules, two_phase_model)
 from ..models.surgery import replace_module
 from ..wrappers import EEWrapper, PhaseWrapper, TwoPhase
