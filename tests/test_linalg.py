@@ -220,3 +220,14 @@ def test_verdict_json_has_the_spec_keys():
     assert set(d["seconds"]) == {"features", "rank"}
     with pytest.raises(ValueError):
         Verdict("x", "maybe", 0, 0, 0.0, "float64", None, None, {}, True, [0, 0])
+
+
+def test_verdicts_and_condition_reports_refuse_an_unknown_verdict():
+    from global_convergence.conditions import ConditionReport
+    from global_convergence.linalg import Verdict
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        ConditionReport("width", "probably")
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        Verdict(condition="rank", verdict="yes", rank=1, n=1, tolerance=0.0, precision="float64",
+                smallest_kept=None, largest_dropped=None, methods={}, agree=True, shape=[1, 1])
+    assert ConditionReport("width", "inconclusive").verified is False

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError
-from ..linalg import INCONCLUSIVE, NOT_VERIFIED, VERDICTS, VERIFIED, jsonable
+from ..linalg import INCONCLUSIVE, NOT_VERIFIED, VERIFIED, jsonable
 from ..linalg.tolerance import gamma
+from ..linalg.verdict import HasVerdict
 from ..models import SplitNet
 
 DISTINGUISH_CHUNK = 1024
@@ -24,21 +25,13 @@ DISTINGUISH_CHUNK = 1024
 
 
 @dataclass
-class ConditionReport:
+class ConditionReport(HasVerdict):
     """A condition that is not a rank: its verdict and the figures behind it."""
 
     condition: str
     verdict: str
     figures: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
-
-    @property
-    def verified(self) -> bool:
-        return self.verdict == VERIFIED
 
     def to_dict(self) -> dict[str, Any]:
         """``{"condition", "verdict", …figures, "seconds"}`` with plain JSON values."""

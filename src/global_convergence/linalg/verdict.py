@@ -26,8 +26,24 @@ BASE_KEYS = ("condition", "n", "rank", "verdict", "tolerance", "precision", "sma
 """The keys of ``gconv verify --json`` (SPEC §7), in that order."""
 
 
+class HasVerdict:
+    """A ``verdict`` field that must be one of :data:`VERDICTS`, checked when the dataclass that
+    inherits this is built, and ``verified``."""
+
+    verdict: str
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+    @property
+    def verified(self) -> bool:
+        """Whether the condition was verified (inconclusive counts as not verified)."""
+        return self.verdict == VERIFIED
+
+
 @dataclass
-class Verdict:
+class Verdict(HasVerdict):
     """A rank condition decided numerically.
 
     ``rank`` is the numerical rank at ``tolerance`` of the matrix of ``shape`` (the first method's
@@ -52,15 +68,6 @@ class Verdict:
     shape: list[int]
     seconds: dict[str, float] = field(default_factory=lambda: {"features": 0.0, "rank": 0.0})
     details: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
-
-    @property
-    def verified(self) -> bool:
-        """Whether the condition was verified (inconclusive counts as not verified)."""
-        return self.verdict == VERIFIED
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of SPEC §7: the base keys, then ``details`` flattened (a detail never
