@@ -10,8 +10,8 @@ tolerance are flagged in ``details["near_tolerance"]``).
 
 Singular values come from ``G = J Jᵀ``, and ``[J, y'][J, y']ᵀ = G + y'y'ᵀ``. For the float32
 test ``G`` is the empirical NTK of a float64 copy of the model (:func:`~global_convergence.ntk.
-empirical_ntk`, structured where the layers allow: ``J`` is never formed — 2.3 s instead of 27 s
-for LeNet with d = 355,681 at n = 1000); it differs from the float32 ``J``'s Gram by rounding of
+empirical_ntk`, structured where the layers allow: ``J`` is never formed — a whole check takes
+3.8 s instead of 27 s for LeNet with d = 355,681 at n = 1000); it differs from the float32 ``J``'s Gram by rounding of
 order ``ε₃₂ tr G`` (``FLOAT32_JACOBIAN_SAFETY`` times that is counted as eigenvalue
 uncertainty), far below a float32 tolerance squared.
 Where that uncertainty does not resolve the tolerance — and always for ``precision="float64"`` —
@@ -95,11 +95,15 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, *, loss: Loss | None = Non
     _check_method(method)
     dtype = dtype_of(precision)
     start = time.perf_counter()
-    work = _in_precision(model, dtype)
-    xs = x.to(device=model_device(work), dtype=dtype) if x.is_floating_point() else \
-        x.to(model_device(work))
     n = x.shape[0]
     targets = vec(alignment_targets(y, n, loss))
+
+    def jacobian_in_precision() -> Tensor:
+        work = _in_precision(model, dtype)
+        xs = x.to(device=model_device(work), dtype=dtype) if x.is_floating_point() else \
+            x.to(model_device(work))
+        return jacobian(work, xs, chunk_size=chunk_size)
+
     if dtype == torch.float32:
         gram = empirical_ntk(model, x.to(model_device(model)), dtype=torch.float64,
                              chunk_size=chunk_size)
@@ -107,9 +111,9 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, *, loss: Loss | None = Non
         d = sum(p.numel() for p in model.parameters() if p.requires_grad)
         verdict = alignment_of_gram(gram, targets, d=d, n=n, method=method, tol=tol,
                                     residual_threshold=residual_threshold,
-                                    jacobian=lambda: jacobian(work, xs, chunk_size=chunk_size))
+                                    jacobian=jacobian_in_precision)
     else:
-        j = jacobian(work, xs, chunk_size=chunk_size)
+        j = jacobian_in_precision()
         seconds = time.perf_counter() - start
         verdict = alignment_of_jacobian(j, targets, n=n, method=method, precision=dtype, tol=tol,
                                         residual_threshold=residual_threshold)
