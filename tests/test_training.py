@@ -171,6 +171,15 @@ def test_exploit_lr_auto_takes_the_certificates_step_and_earns_the_bound(method)
     assert fixed.wrapper.active_optimizer.param_groups[0]["lr"] == 0.125
 
 
+def test_the_certificate_tries_float32_only_on_cached_features():
+    cached = train(tiny(method="two-phase", tau=None, tau0=0.5, track_alignment_every=None), None,
+                   progress=False)["certificate"]["condition"]
+    uncached = train(tiny(method="two-phase", tau=None, tau0=0.5, track_alignment_every=None,
+                          cache_features=False), None, progress=False)["certificate"]["condition"]
+    assert cached["feature_precision"] == "float32" or "float32_attempt" in cached
+    assert uncached["feature_precision"] == "float64" and "float32_attempt" not in uncached
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(exploit_lr=-1.0), "--exploit-lr must be a positive number or 'auto'"),
     (dict(exploit_lr="fast"), "--exploit-lr must be a positive number or 'auto'"),

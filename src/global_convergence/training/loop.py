@@ -495,6 +495,10 @@ def make_certificate(run: Run) -> dict[str, Any]:
     from .. import conditions
 
     c = run.config
+    cached = _cached_train_features(run)
+    # without a cache (augmentation, --feature-cache off) a float32 pass made only to try would
+    # be wasted whenever float32 cannot decide (ResNet features): go to float64 at once
+    precision = c.certificate_precision if cached is not None else "float64"
     facts = dict(full_batch=run.schedule.batch >= run.schedule.n,
                  momentum=c.momentum if c.optimizer == "sgd" else 0.0,
                  weight_decay=c.weight_decay,
@@ -502,7 +506,7 @@ def make_certificate(run: Run) -> dict[str, Any]:
                  else c.exploit_optimizer,
                  lr_used=_exploit_step(c),
                  analytic=not non_analytic_modules(run.model),
-                 features=_cached_train_features(run), precision=c.certificate_precision)
+                 features=cached, precision=precision)
     if isinstance(run.model, TwoPhaseModel):
         return conditions.two_phase_certificate(run.model, run.x, run.loss, **facts)
     return conditions.ee_certificate(run.model, run.x, run.loss, **facts)
