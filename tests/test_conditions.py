@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from global_convergence.conditions import (NOT_VERIFIED, VERIFIED, alignment,
+from global_convergence.conditions import (NOT_VERIFIED, VERIFIED, alignment, alignment_of_gram,
                                            alignment_of_jacobian, ee_certificate, ee_row_bounds,
                                            expressivity, he_initialise, input_distinguishability,
                                            safe_exploration, two_phase_certificate,
                                            width_condition)
-from global_convergence.errors import UserInputError
+from global_convergence.errors import NumericalError, UserInputError
 from global_convergence.losses import make_loss
 from global_convergence.models import MLP, LeNet, ResNet18, ee_model, two_phase_model
 
@@ -205,6 +205,25 @@ def test_alignment_from_the_ntk_matches_the_jacobian_route_and_falls_back(monkey
                                                            direct.details["rank_augmented"])
 
 
+def test_alignment_from_the_gram_refuses_inf_and_survives_a_float32_jacobian_overflow(
+        monkeypatch):
+    import importlib
+    alignment_module = importlib.import_module("global_convergence.conditions.alignment")
+    j = torch.randn(6, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.randn(6, dtype=torch.float64)
+    gram = j @ j.T
+    monkeypatch.setattr(alignment_module, "FLOAT32_JACOBIAN_SAFETY", 1e12)   # unresolved
+    overflowed = torch.full((6, 20), float("inf"))
+    v = alignment_of_gram(gram, y, d=20, jacobian=lambda: overflowed)
+    assert v.details["route"] == "gram-float64-eigh (unresolved; the float32 Jacobian overflows)"
+    assert v.rank == 6 and v.verdict == VERIFIED
+    gram[1, 2] = float("nan")
+    with pytest.raises(NumericalError, match="alignment: the Gram matrix J Jᵀ holds 1 non-finite"):
+        alignment_of_gram(gram, y, d=20)
+    with pytest.raises(NumericalError, match="alignment: the Jacobian holds 120 non-finite"):
+        alignment_of_jacobian(overflowed, y)
+
+
 def test_sample_index_stays_inside_large_n():
     from global_convergence.conditions.features import sample_index
     for n in (1, 2, 63, 64, 65, 1000, 16_777_220, 100_000_006):
@@ -379,3 +398,30 @@ def test_ee_certificate_constants_and_withholding(images):
     minibatch = ee_certificate(model, images, loss, lr_used=1e-4, **{**GD, "full_batch": False})
     assert minibatch["bound_withheld_because"] == ["full_batch"]
     json.dumps(minibatch)
+
+
+def _scaled_trunk(model, scale: float):
+    """A copy of ``model`` with every trunk parameter multiplied by ``scale`` (a diverged run:
+    finite parameters whose forward pass overflows)."""
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in copy_.trunk.parameters():
+            p.mul_(scale)
+    return copy_
+
+
+def test_certificate_goes_to_float64_when_float32_features_overflow_and_refuses_inf(points):
+    torch.manual_seed(0)
+    model = two_phase_model(MLP(5, 1), 100)
+    model.freeze_trunk()
+    loss = make_loss("ce", 2)
+    big = _scaled_trunk(model, 1e25)              # 1e25² overflows float32, not float64
+    assert not torch.isfinite(big.features(points)).all()
+    cert = two_phase_certificate(big, points, loss, lr_used=None, **GD)
+    condition = cert["condition"]
+    assert condition["feature_precision"] == "float64" and condition["verdict"] == VERIFIED
+    assert condition["float32_attempt"]["verdict"] is None
+    assert any("overflowed" in note for note in condition["notes"])
+    json.dumps(cert)
+    with pytest.raises(NumericalError, match=r"not finite in float64 for 60 of 60 inputs"):
+        two_phase_certificate(_scaled_trunk(model, 1e160), points, loss, lr_used=None, **GD)

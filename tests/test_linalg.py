@@ -8,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from global_convergence.errors import NumericalError
 from global_convergence.linalg import (INCONCLUSIVE, NOT_VERIFIED, RANK_BAND, VERIFIED,
                                        DenseFactor, GramSpectrum, KhatriRaoFactor, Verdict, decide,
                                        dense_rank_verdict, factor_rank_verdict, gram_rank_verdict,
@@ -231,3 +232,21 @@ def test_verdicts_and_condition_reports_refuse_an_unknown_verdict():
         Verdict(condition="rank", verdict="yes", rank=1, n=1, tolerance=0.0, precision="float64",
                 smallest_kept=None, largest_dropped=None, methods={}, agree=True, shape=[1, 1])
     assert ConditionReport("width", "inconclusive").verified is False
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rank_verdicts_refuse_non_finite_matrices_by_name(bad):
+    a = with_singular_values(6, 9, [3.0, 2.0, 1.0, 1.0, 0.5, 0.2]).to(F64)
+    a[2, 4] = bad
+    with pytest.raises(NumericalError, match=r"expressivity: the matrix holds 1 non-finite value"):
+        dense_rank_verdict(a, condition="expressivity")
+    s = torch.ones(6, 2, dtype=F64)
+    with pytest.raises(NumericalError, match=r"safe-exploration: .*squared row norms holds 1 non"):
+        factor_rank_verdict(KhatriRaoFactor(s, a), condition="safe-exploration")
+    g = a.nan_to_num(0.0, 0.0, 0.0) @ a.nan_to_num(0.0, 0.0, 0.0).T
+    g[0, 0] = bad
+    with pytest.raises(NumericalError, match=r"alignment: the Gram matrix holds 1 non-finite"):
+        gram_rank_verdict(g, a.shape, condition="alignment")
+    a[2, 4] = 0.0                      # the same matrices, finite: decided
+    assert dense_rank_verdict(a).verdict == VERIFIED
+    assert factor_rank_verdict(KhatriRaoFactor(s, a)).verdict == VERIFIED

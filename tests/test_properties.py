@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -207,9 +207,18 @@ def train_options(draw) -> list[str]:
     return argv
 
 
+OVERFLOW_AT_SWITCH = ["train", "--quiet", "--data", "sine", "--model", "mlp", "--n", "12",
+                      "--epochs", "2", "--lr", "1e30", "--allow-non-analytic", "--method"]
+
+
 @settings(max_examples=int(os.environ.get("GCONV_CLI_EXAMPLES", "14")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(argv=train_options())
+@example(argv=OVERFLOW_AT_SWITCH + ["ee"]).via("CI: float32 features overflow at the switch")
+@example(argv=OVERFLOW_AT_SWITCH + ["two-phase"]).via("CI: float32 features overflow at the switch")
+@example(argv=OVERFLOW_AT_SWITCH[:8] + ["--steps", "4", "--tau", "2", "--track-alignment-every",
+                                       "1", "--lr", "1e8", "--method", "two-phase"]
+         ).via("float32 Jacobian overflows while the float64 NTK does not")
 def test_random_option_combinations_never_leave_a_half_written_output_folder(argv):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"

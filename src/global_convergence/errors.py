@@ -10,4 +10,5 @@ class UserInputError(ValueError):
 
 
 class NumericalError(RuntimeError):
-    """Training produced a non-finite loss or parameters; the message names step and phase."""
+    """A computation met non-finite values: training's loss or parameters (the message names
+    step and phase), or a matrix whose rank was asked for (the message names the condition)."""

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from ..errors import UserInputError
 from ..linalg import (NOT_VERIFIED, RANK_BAND, VERIFIED, GramSpectrum, Verdict, cut,
-                      numpy_tolerance, precision_name, projection_residual, singular_values,
-                      triangular_factor)
+                      numpy_tolerance, precision_name, projection_residual, require_finite,
+                      singular_values, triangular_factor)
 from ..linalg.tolerance import dtype_of, gram_rounding_bound, in_band, machine_epsilon
 from ..losses import Loss
 from .features import model_device
@@ -139,6 +139,7 @@ def alignment_of_jacobian(j: Tensor, y: Tensor, *, n: int | None = None, method:
     start = time.perf_counter()
     dtype = dtype_of(precision) if precision is not None else j.dtype
     rows, d = j.shape
+    require_finite(j, "alignment", "the Jacobian")
     y = _target_vector(y, rows, j.device)
     gram = _gram64(j)
     spectra = _spectra(gram, gram_rounding_bound(d, float(gram.trace()), torch.float64), y,
@@ -163,6 +164,7 @@ def alignment_of_gram(gram: Tensor, y: Tensor, *, d: int, n: int | None = None,
     _check_method(method)
     start = time.perf_counter()
     rows = gram.shape[0]
+    require_finite(gram, "alignment", "the Gram matrix J Jᵀ")
     y = _target_vector(y, rows, gram.device)
     gram = gram.to(torch.float64)
     trace = float(gram.trace())
@@ -233,11 +235,13 @@ def _spectra(gram: Tensor, rounding: float, y: Tensor, shape: tuple[int, int],
     t = numpy_tolerance(values[0] if values.size else 0.0, (rows, d), dtype) if tol is None else tol
     t_aug = numpy_tolerance(values_aug[0], (rows, d + 1), dtype) if tol is None else tol
     resolved = spectrum.resolves(t) and aug.resolves(t_aug)
-    if resolved or jacobian is None:
+    j = None if resolved or jacobian is None else jacobian()
+    if j is None or not bool(torch.isfinite(j).all()):
+        why = "" if resolved else " (unresolved)" if j is None else \
+            " (unresolved; the float32 Jacobian overflows)"
         return {"values": values, "values_aug": values_aug, "tol": t, "tol_aug": t_aug,
                 "basis": spectrum.vectors, "method": "gram-eigh",
-                "route": "gram-float64-eigh" + ("" if resolved else " (unresolved)")}
-    j = jacobian()
+                "route": "gram-float64-eigh" + why}
     r = triangular_factor(c.to(torch.float64) for c in _column_chunks(j))
     u, s, _ = torch.linalg.svd(r.T, full_matrices=False)
     values = s.cpu().numpy().astype(np.float64)

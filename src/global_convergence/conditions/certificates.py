@@ -20,6 +20,7 @@ L-BFGS or another optimizer void them.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserInputError
+from ..errors import NumericalError, UserInputError
 from ..linalg import Verdict
 from ..losses import Loss
 from ..models import non_analytic_modules
@@ -125,6 +126,7 @@ def certified_features(model: nn.Module, x: Tensor,
                              f"{', '.join(CERTIFICATE_PRECISIONS)}, got {precision!r}")
     if precision == "float64":
         exact, seconds = trunk_features(model, x, torch.float64, chunk_size)
+        _require_finite_features(exact)
         return exact, _checked(check, exact, None, seconds, "float64")
     start = time.perf_counter()
     if features is None:
@@ -133,20 +135,36 @@ def certified_features(model: nn.Module, x: Tensor,
     sample, _ = trunk_features(model, x[index.to(x.device)], torch.float64, chunk_size)
     error = relative_row_error(features[index.to(features.device)], sample)
     cast = features.flatten(1).to(sample.device, torch.float64, copy=True)
-    verdict = _checked(check, cast, error.bound, time.perf_counter() - start, "float32")
-    verdict.details["feature_error"] = error.to_dict()
-    if verdict.verified:
-        return cast, verdict
-    attempt = {"verdict": verdict.verdict, "smallest_kept": verdict.smallest_kept,
-               "tolerance": verdict.tolerance, "feature_error": error.to_dict()}
+    if bool(torch.isfinite(cast).all()) and math.isfinite(error.bound):
+        verdict = _checked(check, cast, error.bound, time.perf_counter() - start, "float32")
+        verdict.details["feature_error"] = error.to_dict()
+        if verdict.verified:
+            return cast, verdict
+        attempt = {"verdict": verdict.verdict, "smallest_kept": verdict.smallest_kept,
+                   "tolerance": verdict.tolerance, "feature_error": error.to_dict()}
+        note = (f"float32 features gave '{attempt['verdict']}' with their noise floor counted; "
+                "decided again on float64 features")
+    else:
+        attempt = {"verdict": None, "feature_error": error.to_dict()}
+        note = "float32 features overflowed (inf/NaN); decided on float64 features"
     start = time.perf_counter()
     exact = _overwrite_in_float64(model, x, cast, index, sample, chunk_size)
+    _require_finite_features(exact)
     verdict = _checked(check, exact, None, time.perf_counter() - start, "float64")
     verdict.details["float32_attempt"] = attempt
-    verdict.details.setdefault("notes", []).append(
-        f"float32 features gave '{attempt['verdict']}' with their noise floor counted; decided "
-        "again on float64 features")
+    verdict.details.setdefault("notes", []).append(note)
     return exact, verdict
+
+
+def _require_finite_features(features: Tensor) -> None:
+    """The certificate's conditions are ranks of these features: refuse inf/NaN, which a finite
+    but huge network (a diverged run) produces, with the count of rows hit."""
+    finite = torch.isfinite(features).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        raise NumericalError(f"the trunk features are not finite in float64 for "
+                             f"{int((~finite).sum())} of {features.shape[0]} inputs: the "
+                             "parameters are finite but the forward pass overflows, so no "
+                             "condition can be checked")
 
 
 def _overwrite_in_float64(model: nn.Module, x: Tensor, features: Tensor, index: Tensor,

@@ -11,8 +11,8 @@ matrix with fallback to the factor), :func:`gram_rank_verdict` (a Gram matrix al
 :func:`relative_residual`.
 """
 from .cholesky import CHOLESKY_BLOCK, CholeskyFactor, shifted_cholesky
-from .dense import (cut, decide, dense_rank_verdict, pivoted_qr_diagonal, singular_values,
-                    svd_rank, qr_rank)
+from .dense import (cut, decide, dense_rank_verdict, pivoted_qr_diagonal, require_finite,
+                    singular_values, svd_rank, qr_rank)
 from .factors import DenseFactor, KhatriRaoFactor, RowFactor
 from .rank import (DENSE_GRAM_BYTES, FACTOR_MEMORY_BUDGET, factor_rank_verdict, gram_rank_verdict,
                    largest_gram_eigenvalue)
@@ -27,5 +27,5 @@ __all__ = ["CHOLESKY_BLOCK", "CHOLESKY_SAFETY", "DENSE_GRAM_BYTES", "FACTOR_MEMO
            "DenseFactor", "GramSpectrum", "KhatriRaoFactor", "RowFactor", "Verdict", "cut",
            "decide", "dense_rank_verdict", "factor_rank_verdict", "gram_rank_verdict", "jsonable",
            "largest_gram_eigenvalue", "machine_epsilon", "numpy_tolerance", "pivoted_qr_diagonal",
-           "precision_name", "projection_residual", "qr_rank", "relative_residual",
+           "precision_name", "projection_residual", "qr_rank", "relative_residual", "require_finite",
            "shifted_cholesky", "singular_values", "svd_rank", "triangular_factor"]

@@ -15,8 +15,18 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
+from ..errors import NumericalError
 from .tolerance import RANK_BAND, in_band, numpy_tolerance, precision_name
 from .verdict import INCONCLUSIVE, NOT_VERIFIED, VERIFIED, Verdict
+
+
+def require_finite(a: Tensor, condition: str, what: str = "the matrix") -> None:
+    """Refuse ``what`` when it holds inf/NaN: the rank (and so ``condition``) is not defined."""
+    finite = torch.isfinite(a)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise NumericalError(f"{condition}: {what} holds {bad} non-finite value(s) (inf or NaN) "
+                             f"among {a.numel()}; the rank is not defined")
 
 
 def singular_values(a: Tensor) -> np.ndarray:
@@ -97,6 +107,7 @@ def dense_rank_verdict(a: Tensor, target: int | None = None, *, condition: str =
     follows :func:`decide`; ``details["margin"]`` is the deciding singular value over ``tol``.
     """
     start = time.perf_counter()
+    require_finite(a, condition)
     target = a.shape[0] if target is None else int(target)
     values = singular_values(a)
     sigma_max = float(values[0]) if values.size else 0.0

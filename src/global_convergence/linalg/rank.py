@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from .cholesky import CHOLESKY_BLOCK, blocked_bytes, shifted_cholesky
-from .dense import cut, decide, pivoted_qr_diagonal, singular_values, target_value
+from .dense import (cut, decide, pivoted_qr_diagonal, require_finite, singular_values,
+                    target_value)
 from .factors import RowFactor
 from .spectrum import GramSpectrum
 from .tolerance import (CHOLESKY_SAFETY, RANK_BAND, cholesky_rounding_bound, gram_rounding_bound,
@@ -178,6 +179,8 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     """
     start = time.perf_counter()
     n, cols, dtype = factor.rows, factor.cols, factor.dtype
+    # one inf/NaN entry (or an overflowing row) makes its row's squared norm non-finite
+    require_finite(factor.row_norms_sq(), condition, "the matrix's squared row norms")
     target = n if target is None else int(target)
     sigma_max = math.sqrt(max(largest_gram_eigenvalue(factor, seed), 0.0))
     tol = numpy_tolerance(sigma_max, factor.shape, dtype) if tol is None else float(tol)
@@ -251,6 +254,7 @@ def gram_rank_verdict(gram: Tensor, shape: tuple[int, int] | list[int], *,
     a float64 Gram) the verdict is *inconclusive*.
     """
     start = time.perf_counter()
+    require_finite(gram, condition, "the Gram matrix")
     precision = precision or gram.dtype
     spectrum = GramSpectrum.of(gram, rounding)
     sing = spectrum.singular_values

@@ -558,25 +558,38 @@ def log_row(run: Run, callbacks: list[Callback]) -> dict[str, Any]:
     row: dict[str, Any] = {"step": run.step, "epoch": run.step / run.schedule.steps_per_epoch,
                            "phase": run.phase, **evaluate(run), "alignment_ok": None, "q_t": None}
     every = run.config.track_alignment_every
+    failure = None
     if run.ctx.is_main:
         if every and run.step % every == 0:
-            from .. import conditions
-
-            verdict = conditions.alignment(run.model, run.x, run.y, loss=run.loss)
-            ok = verdict.verdict == "verified"
-            run.alignment_checks += 1
-            run.q_t += 0 if ok else 1
-            row["alignment_ok"] = int(ok)
+            try:
+                _track_alignment(run, row)
+            except NumericalError as exc:   # every rank must hear of it, not wait for rank 0
+                failure = str(exc)
         if every:
             row["q_t"] = run.q_t
-        for callback in callbacks:
-            callback(LogEvent(run.step, run.phase, run.model, run.dataset, run.loss, row))
+        if failure is None:
+            for callback in callbacks:
+                callback(LogEvent(run.step, run.phase, run.model, run.dataset, run.loss, row))
     if run.ctx.distributed:
-        row, run.q_t, run.alignment_checks = broadcast_object((row, run.q_t, run.alignment_checks),
-                                                              run.ctx)
+        row, run.q_t, run.alignment_checks, failure = broadcast_object(
+            (row, run.q_t, run.alignment_checks, failure), run.ctx)
+    if failure is not None:
+        raise NumericalError(f"alignment check at step {run.step} (phase {run.phase}): {failure}; "
+                             "the run has diverged. Lower --lr or check the data.")
     run.rows.append(row)
     run.seconds["evaluation"] += time.perf_counter() - started
     return row
+
+
+def _track_alignment(run: Run, row: dict[str, Any]) -> None:
+    """One check of data-architecture alignment ([K22] eq. 2): Q_T counts the failed ones."""
+    from .. import conditions
+
+    verdict = conditions.alignment(run.model, run.x, run.y, loss=run.loss)
+    ok = verdict.verdict == "verified"
+    run.alignment_checks += 1
+    run.q_t += 0 if ok else 1
+    row["alignment_ok"] = int(ok)
 
 
 def _should_log(run: Run) -> bool:
@@ -750,9 +763,16 @@ def _on_switch(run: Run, out: Path | None) -> None:
     _check_parameters(run, 1, out)
     enter_phase2(run)
     started = time.perf_counter()
+    failure = None
     if run.ctx.is_main:
-        run.certificate = make_certificate(run)
-    run.certificate = broadcast_object(run.certificate, run.ctx)
+        try:
+            run.certificate = make_certificate(run)
+        except NumericalError as exc:       # every rank must hear of it, not wait for rank 0
+            failure = str(exc)
+    run.certificate, failure = broadcast_object((run.certificate, failure), run.ctx)
+    if failure is not None:
+        raise NumericalError(f"certificate at the switch, step {run.step} (phase 1): {failure}; "
+                             f"{_last_good(run, out)}. Lower --lr or check the data.")
     set_exploit_step(run)
     run.seconds["switch"] += time.perf_counter() - started
 
