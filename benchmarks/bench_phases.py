@@ -25,9 +25,12 @@ Usage::
     python benchmarks/bench_phases.py                          # random 16×16, n = 256, 2 threads
     python benchmarks/bench_phases.py --data digits --n 384    # the digits stand-in
     python benchmarks/bench_phases.py --quick                  # smaller, for a smoke check
+    python benchmarks/bench_phases.py --device cuda --data cifar-like.npz --n 10000 \
+        --batch-size 128 --amp                                 # on a GPU (gpu_check.sh)
 
-Runs on the CPU with float32 subnormals flushed to zero, as ``gconv train`` does (SPEC §2:
-softplus(100) produces subnormals that x86 computes on many times slower). The machine load
+On the CPU (the default) it runs with float32 subnormals flushed to zero, as ``gconv train``
+does (SPEC §2: softplus(100) produces subnormals that x86 computes on many times slower); on
+CUDA every timer waits for the queued kernels (``torch.cuda.synchronize``). The machine load
 (``os.getloadavg``) is printed before and after: timings on a shared machine are noisy, ratios
 measured within one run less so.
 """
@@ -50,9 +53,17 @@ TARGET_PHASE2_OVER_PHASE1 = 0.1
 TARGET_EE_OVER_BASE = 0.7
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work, so that a timer stops when the work is done."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> float:
+    synchronize()
     started = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - started
 
 
@@ -110,7 +121,12 @@ def full_runs(base: dict, epochs: int, repeats: int, methods: list[str]) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="random", help="random | digits (16×16×1)")
+    parser.add_argument("--data", default="random",
+                        help="random | digits (16×16×1) | a .npz file (x: N×C×H×W, y: labels)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile phase 1")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the full runs (part 2)")
@@ -126,10 +142,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loop.plot_run = lambda *a, **k: []
     base = dict(data=args.data, n=args.n, model="resnet18", batch_size=args.batch_size, lr=0.05,
-                tau0=0.6)
-    print(f"ResNet-18 (softplus), {args.data} 16×16×1, n = {args.n}, batch {args.batch_size}, "
-          f"no augmentation, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"flush-to-zero on, load average {os.getloadavg()[0]:.2f}")
+                tau0=0.6, device=args.device, amp=args.amp, compile=args.compile,
+                channels_last=args.channels_last)
+    where = (torch.cuda.get_device_name() if args.device == "cuda" else
+             f"CPU, {torch.get_num_threads()} threads, flush-to-zero on")
+    shape = "16×16×1" if args.data in ("random", "digits") else "from the file"
+    print(f"ResNet-18 (softplus), {args.data} ({shape}), n = {args.n}, batch {args.batch_size}, "
+          f"no augmentation, torch {torch.__version__}, {where}, amp {args.amp}, compile "
+          f"{args.compile}, channels-last {args.channels_last}, load average "
+          f"{os.getloadavg()[0]:.2f}")
     with flush_denormals(True):
         part1 = phase_costs(TrainConfig(**base, method="ee", epochs=args.epochs), args.epochs_timed)
     methods = ["ee"] + (["two-phase"] if args.two_phase else [])
