@@ -2,7 +2,8 @@
 # Every check of this project that needs a GPU, in one go (a few minutes on one H200):
 #   1. the whole test suite with CUDA visible (the tests marked "needs CUDA" run too),
 #   2. benchmarks/gpu_check.py (CPU against GPU, resume, storage, verifiers, AMP + compile),
-#   3. benchmarks/bench_phases.py on CUDA, ResNet-18 on a CIFAR-shaped file, n = 10000.
+#   3. benchmarks/bench_phases.py on CUDA, ResNet-18 on a CIFAR-shaped file (BENCH_N, default
+#      10000; BENCH_EPOCHS, BENCH_OPTIONS such as --compile).
 # Logs and JSON go to $OUT (default: gpu-check-out/). Uses the python3 on the PATH with its own
 # torch; installs this package into it in editable mode without dependencies.
 set -u
@@ -26,10 +27,11 @@ timeout "${CHECK_SECONDS:-200}" python3 benchmarks/gpu_check.py --json "$out/gpu
     2>"$out/gpu_check.err"
 echo "gpu_check: exit $?"
 
+n=${BENCH_N:-10000}
 data=$(mktemp -d)/cifar-like.npz
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
-from gpu_check import write_cifar_shaped_npz as w; w(Path('$data'), 10000)"
+from gpu_check import write_cifar_shaped_npz as w; w(Path('$data'), $n)"
 timeout "${BENCH_SECONDS:-180}" python3 benchmarks/bench_phases.py --device cuda --data "$data" \
-    --n 10000 --batch-size 128 --epochs 4 --epochs-timed 2 --amp --json "$out/bench_cuda.json" \
-    2>"$out/bench.err"
+    --n "$n" --batch-size 128 --epochs "${BENCH_EPOCHS:-4}" --epochs-timed 2 --amp \
+    ${BENCH_OPTIONS:-} --json "$out/bench_cuda_n$n.json" 2>"$out/bench_n$n.err"
 echo "bench_phases: exit $?"

@@ -129,3 +129,31 @@ def test_frozen_trunk_stays_in_eval_mode_and_records_no_graph():
     fresh = two_phase_model(ResNet18(1, 2), n=20)
     fresh.load_state_dict(state)
     assert fresh.is_trunk_frozen and not any(p.requires_grad for p in fresh.trunk.parameters())
+
+
+@pytest.mark.parametrize("make", [lambda: ee_model(MLP(3, 2), n=10),
+                                  lambda: ee_model(LeNet(1, 2), n=10),
+                                  lambda: two_phase_model(MLP(3, 1), n=10)])
+def test_forward_passes_read_no_tensor_flags_in_any_state(make):
+    """The frozen-trunk and tied-gate flags are buffers (checkpoints keep them), but forward
+    reads Python copies: reading a CUDA buffer would wait for the GPU at every step, and would
+    break a ``torch.compile`` graph. ``fullgraph=True`` fails on any such read."""
+    model = make()
+    x = torch.randn(4, *((3,) if isinstance(model.trunk, MLP) else (1, 16, 16)))
+    states = [lambda m: None, lambda m: m.freeze_trunk()]
+    if isinstance(model, EEModel):
+        states.append(lambda m: m.head.freeze_gates())
+    for change in states:
+        change(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        assert torch.allclose(compiled(x), model(x))
+    fresh = make()
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.is_trunk_frozen
+    if isinstance(model, EEModel):
+        assert not fresh.head.are_gates_tied and not bool(fresh.head.tied)
+        fresh.head.set_tied(True)
+        assert fresh.head.are_gates_tied and bool(fresh.head.tied)
+    fresh.unfreeze_trunk()
+    assert not fresh.is_trunk_frozen and not bool(fresh.trunk_frozen)

@@ -309,3 +309,22 @@ def test_build_run_validates_before_anything_is_written(tmp_path):
     assert not (tmp_path / "x").exists()
     run = build_run(tiny())
     assert run.schedule.tau == 6 and run.phase == 1
+
+
+def test_compile_trains_both_phases_compiled_with_the_eager_losses():
+    """``compile=True`` compiles the model in phase 1 and the head on cached features in phase 2
+    (inductor, on the CPU here): the same losses as the eager run, to float32 rounding."""
+    options = dict(method="two-phase", steps=8, tau=4, track_alignment_every=None)
+    eager = train(tiny(**options), None, progress=False)
+    run = build_run(tiny(**options, compile=True))
+    loop.attach_train_module(run)
+    assert run.train_module._orig_mod is run.model             # an OptimizedModule in phase 1
+    for _ in range(4):
+        loop.train_step(run)
+        run.step += 1
+    loop._on_switch(run, None)
+    assert run.phase == 2 and run.train_module._orig_mod is run.model.head   # and in phase 2
+    compiled = train(tiny(**options, compile=True), None, progress=False)
+    assert compiled["switch_step"] == eager["switch_step"] == 4
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-6)
+    assert compiled["train_error"] == eager["train_error"]

@@ -336,7 +336,7 @@ def full_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     work = copy.deepcopy(model)
     if isinstance(work, SplitNet) and work.is_trunk_frozen:
-        work.trunk_frozen.fill_(False)
+        work.unfreeze_trunk()
     for p in work.parameters():
         p.requires_grad_(True)
     work.eval()

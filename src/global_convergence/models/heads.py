@@ -33,19 +33,27 @@ class SplitNet(nn.Module):
         self.trunk = trunk
         self.head = head
         self.register_buffer("trunk_frozen", torch.tensor(False))
+        self._trunk_frozen = False      # the buffer's value, read without a device sync
         self.register_load_state_dict_post_hook(_reapply_freeze)
 
     @property
     def is_trunk_frozen(self) -> bool:
-        return bool(self.trunk_frozen)
+        return self._trunk_frozen
 
     def freeze_trunk(self) -> None:
         """Fix the trunk: eval mode from now on, no gradients, no parameter updates."""
         self.trunk_frozen.fill_(True)
+        self._trunk_frozen = True
         for p in self.trunk.parameters():
             p.requires_grad_(False)
             p.grad = None
         self.trunk.eval()
+
+    def unfreeze_trunk(self) -> None:
+        """Let gradients reach the trunk again (its parameters' ``requires_grad`` is the
+        caller's to set); it follows ``train``/``eval`` like any module."""
+        self.trunk_frozen.fill_(False)
+        self._trunk_frozen = False
 
     def train(self, mode: bool = True) -> "SplitNet":
         super().train(mode)
@@ -66,8 +74,10 @@ class SplitNet(nn.Module):
 
 def _reapply_freeze(module: nn.Module, incompatible_keys) -> None:
     """After ``load_state_dict``, restore the frozen-trunk contract recorded in the buffer."""
-    if isinstance(module, SplitNet) and module.is_trunk_frozen:
-        module.freeze_trunk()
+    if isinstance(module, SplitNet):
+        module._trunk_frozen = bool(module.trunk_frozen)
+        if module._trunk_frozen:
+            module.freeze_trunk()
 
 
 class GatedHead(nn.Module):
@@ -94,16 +104,24 @@ class GatedHead(nn.Module):
         self.out_weight = nn.Parameter(torch.empty(outputs, width).uniform_(-out_bound, out_bound))
         self.register_buffer("gates", torch.zeros(outputs, width, fan_in))
         self.register_buffer("tied", torch.tensor(True))
+        self._tied = True               # the buffer's value, read without a device sync
+        self.register_load_state_dict_post_hook(_read_tied)
 
     @property
     def are_gates_tied(self) -> bool:
-        return bool(self.tied)
+        return self._tied
 
     def freeze_gates(self) -> None:
         """``R(j) := W(H−1, j)`` now, as a non-trainable buffer; the gates stop following ``w``."""
         with torch.no_grad():
             self.gates.copy_(self.weight)
-        self.tied.fill_(False)
+        self.set_tied(False)
+
+    def set_tied(self, tied: bool) -> None:
+        """Record whether the gates follow ``w`` (the buffer, saved in checkpoints, and its
+        Python copy); :meth:`freeze_gates` is how a run unties them."""
+        self.tied.fill_(bool(tied))
+        self._tied = bool(tied)
 
     def augmented_input(self, z_bar: torch.Tensor) -> torch.Tensor:
         """``z = [z̄, 1]``."""
@@ -125,6 +143,12 @@ class GatedHead(nn.Module):
         return (f"in_features={self.in_features} (+1 constant), width={self.width}, "
                 f"outputs={self.outputs}, gate_sharpness={self.gate_sharpness}, "
                 f"tied={self.are_gates_tied}")
+
+
+def _read_tied(module: nn.Module, incompatible_keys) -> None:
+    """After ``load_state_dict``, the Python copy of the ``tied`` buffer follows the loaded one."""
+    if isinstance(module, GatedHead):
+        module._tied = bool(module.tied)
 
 
 class EEModel(SplitNet):

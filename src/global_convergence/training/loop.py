@@ -107,6 +107,8 @@ class Run:
     train_module: nn.Module | None = None
     checkpoint_step: int | None = None
     """Step of the last checkpoint written (or resumed from); None before the first."""
+    epoch_order: tuple[int, torch.Tensor] | None = None
+    """``(epoch, permutation)`` last drawn by :func:`batch_indices`."""
 
     @property
     def phase(self) -> int:
@@ -316,14 +318,16 @@ def _autocast_forward(run: Run, fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # -- one step ----------------------------------------------------------------------------------
 def batch_indices(run: Run, step: int) -> torch.Tensor:
-    """Global batch of ``step``: a slice of the seeded permutation of its epoch."""
+    """Global batch of ``step``: a slice of the seeded permutation of its epoch (drawn once per
+    epoch: it depends on the seed and the epoch alone, so a resumed run draws the same)."""
     s = run.schedule
     epoch, position = divmod(step, s.steps_per_epoch)
     if s.batch >= s.n:
         return torch.arange(s.n)
-    generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + epoch)
-    order = torch.randperm(s.n, generator=generator)
-    return order[position * s.batch:(position + 1) * s.batch]
+    if run.epoch_order is None or run.epoch_order[0] != epoch:
+        generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + epoch)
+        run.epoch_order = (epoch, torch.randperm(s.n, generator=generator))
+    return run.epoch_order[1][position * s.batch:(position + 1) * s.batch]
 
 
 def _inputs(run: Run, index: torch.Tensor, step: int) -> torch.Tensor:
@@ -391,11 +395,8 @@ def attach_train_module(run: Run) -> None:
     head = run.split.head
     if run.ctx.distributed:
         head = _ddp(head, run.ctx)
-    if run.cache is not None:
-        run.train_module = head
-    else:
-        split = run.split
-        run.train_module = _FrozenTrunkThen(split, head)
+    module = head if run.cache is not None else _FrozenTrunkThen(run.split, head)
+    run.train_module = torch.compile(module) if run.config.compile else module
 
 
 def _ddp(module: nn.Module, ctx: DistContext) -> DistributedDataParallel:

@@ -123,7 +123,7 @@ class EEWrapper(PhaseWrapper):
         head = self.model.head
         with torch.no_grad():
             head.gates.copy_(state["gates"])
-        head.tied.fill_(bool(state["gates_tied"]))
+        head.set_tied(state["gates_tied"])
         super().load_state_dict(state)
         if "exploit_optimizer" in state:
             self.exploit_optimizer.load_state_dict(state["exploit_optimizer"])
