@@ -20,6 +20,7 @@ from global_convergence.ntk import (
     smallest_eigenvalue,
     structured,
 )
+from global_convergence.models.analytic import _flush_denormal_state
 from global_convergence.ntk.common import SUBNORMAL_CUTOFF
 
 TOL32 = 1e-5     # float32 results vs the float64 reference, relative Frobenius (SPEC §4)
@@ -308,7 +309,7 @@ def test_softplus_subnormals_match_float64_reference():
         try:
             for method in ("structured", "jacobian"):
                 assert rel(empirical_ntk(model, x, method=method), ref) < TOL32
-            assert common._flush_denormal_is_on() == flush      # caller's setting restored
+            assert _flush_denormal_state() == flush      # caller's setting restored
         finally:
             torch.set_flush_denormal(False)
 

@@ -16,6 +16,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..models.analytic import flush_denormals
+
 SUBNORMAL_CUTOFF: float = math.sqrt(torch.finfo(torch.float32).tiny)
 """float32 entries with ``|v| <`` this (≈1.08e-19) are set to 0 before large products (SPEC §2).
 
@@ -104,24 +106,10 @@ def zero_subnormals_(t: Tensor) -> Tensor:
     return t
 
 
-def _flush_denormal_is_on() -> bool:
-    """Whether flush-to-zero is on in this thread (probed: torch offers no getter)."""
-    return (torch.tensor([1e-30]) * torch.tensor([1e-10])).item() == 0.0
-
-
-@contextlib.contextmanager
-def flush_denormal() -> Iterator[None]:
-    """Turn on ``torch.set_flush_denormal`` inside the block, restoring the caller's setting.
-
-    The setting acts on the calling thread only (SPEC §2), so the code additionally zeroes
-    subnormals before large products (:func:`zero_subnormals_`); results never depend on it.
-    """
-    previous = _flush_denormal_is_on()
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(previous)
+flush_denormal = flush_denormals
+"""Flush-to-zero inside the block, the caller's setting restored (acts on the calling thread only,
+SPEC §2: the code also zeroes subnormals before large products, :func:`zero_subnormals_`, so
+results never depend on it)."""
 
 
 def batch_statistics_modules(model: nn.Module) -> list[str]:
