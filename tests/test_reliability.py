@@ -24,7 +24,7 @@ from global_convergence.models import MLP
 from global_convergence.training import (CHECKPOINT_NAME, TrainConfig, load_checkpoint,
                                          save_checkpoint, train)
 from global_convergence.training import loop
-from global_convergence.training.checkpoint import atomic_write
+from global_convergence.training.checkpoint import atomic_write, restore_rng
 
 FIGURES = ("train_loss", "train_error", "test_error", "q_t", "alignment_checks", "steps",
            "switch_step", "completed")
@@ -226,6 +226,34 @@ def test_a_truncated_checkpoint_is_refused_with_a_clear_message(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(UserInputError, match=rf"^checkpoint {path} is unreadable \("):
         load_checkpoint(path)
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it would call ``os.system`` (weights_only must refuse it)."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pickled code ran >&2",))
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused_not_executed(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    torch.save({"step": 1, "payload": _RunsCodeWhenUnpickled()}, path)
+    with pytest.raises(UserInputError, match=rf"^checkpoint {path} is unreadable \(it holds "
+                                             r"pickled Python objects \(posix.system\)"):
+        load_checkpoint(path)
+
+
+def test_the_checkpointed_rng_states_restore_every_generator(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    np.random.seed(5)
+    np.random.standard_normal()              # leaves a cached Gaussian in numpy's state
+    save_checkpoint(path, {"step": 1})
+    expected = (torch.rand(3), np.random.standard_normal(4), random.random())
+    np.random.seed(0), torch.manual_seed(0), random.seed(0)
+    restore_rng(load_checkpoint(path)["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.standard_normal(4), expected[1])
+    assert random.random() == expected[2]
 
 
 # -- bad input to the public Python functions -----------------------------------------------------

@@ -367,7 +367,7 @@ class NtkTracker:
             self.m0 = m
             torch.save(m, self.path)
         elif self.m0 is None:
-            self.m0 = torch.load(self.path)
+            self.m0 = torch.load(self.path, weights_only=True)
         event.row["ntk_change"] = representation_change(m, self.m0)
 
 

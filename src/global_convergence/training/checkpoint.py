@@ -7,7 +7,9 @@ The checkpoint holds everything a run needs to continue exactly: model, optimize
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -95,22 +97,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"no checkpoint at {path}; expected a checkpoint.pt written by gconv train")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    try:   # weights_only: tensors and plain containers only, so loading runs no pickled code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        raise UserInputError(
+            f"checkpoint {path} is unreadable (it holds pickled Python objects"
+            f"{f' ({found.group(1)})' if found else ''}, which are not loaded since loading them "
+            "could run code; gconv checkpoints hold tensors and plain values only)") from exc
     except Exception as exc:     # torch raises several types for truncated or foreign files
-        raise UserInputError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserInputError(f"checkpoint {path} is unreadable ({type(exc).__name__}: "
+                             f"{first_line})") from exc
 
 
 def capture_rng() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_rng_state() -> dict[str, Any]:
+    """NumPy's legacy global RNG state with its key array as a tensor (loadable with
+    ``weights_only=True``)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():     # as many devices as both machines have
         for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
