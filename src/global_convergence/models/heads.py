@@ -25,25 +25,49 @@ TWO_PHASE_WIDTH_FACTOR = 1.1
 """c of the wide layer ⌈c·n⌉ of the two-phase architecture (SPEC §3.1)."""
 
 
-class SplitNet(nn.Module):
+class FlagModule(nn.Module):
+    """A module with boolean flags kept twice: as buffers, which state dicts and checkpoints
+    hold, and as Python bools, which ``forward`` reads — reading a CUDA buffer would wait for
+    the GPU at every step and break a ``torch.compile`` graph. ``load_state_dict`` refreshes the
+    bools from the loaded buffers."""
+
+    def register_flag(self, name: str, value: bool) -> None:
+        if not hasattr(self, "_flags"):
+            self._flags: dict[str, bool] = {}
+            self.register_load_state_dict_post_hook(_read_flags)
+        self.register_buffer(name, torch.tensor(bool(value)))
+        self._flags[name] = bool(value)
+
+    def flag(self, name: str) -> bool:
+        return self._flags[name]
+
+    def set_flag(self, name: str, value: bool) -> None:
+        getattr(self, name).fill_(bool(value))
+        self._flags[name] = bool(value)
+
+
+def _read_flags(module: nn.Module, incompatible_keys) -> None:
+    if isinstance(module, FlagModule):
+        module._flags = {name: bool(getattr(module, name)) for name in module._flags}
+
+
+class SplitNet(FlagModule):
     """``head(trunk(x))`` with a trunk that can be frozen for the second phase."""
 
     def __init__(self, trunk: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.trunk = trunk
         self.head = head
-        self.register_buffer("trunk_frozen", torch.tensor(False))
-        self._trunk_frozen = False      # the buffer's value, read without a device sync
+        self.register_flag("trunk_frozen", False)
         self.register_load_state_dict_post_hook(_reapply_freeze)
 
     @property
     def is_trunk_frozen(self) -> bool:
-        return self._trunk_frozen
+        return self.flag("trunk_frozen")
 
     def freeze_trunk(self) -> None:
         """Fix the trunk: eval mode from now on, no gradients, no parameter updates."""
-        self.trunk_frozen.fill_(True)
-        self._trunk_frozen = True
+        self.set_flag("trunk_frozen", True)
         for p in self.trunk.parameters():
             p.requires_grad_(False)
             p.grad = None
@@ -52,8 +76,7 @@ class SplitNet(nn.Module):
     def unfreeze_trunk(self) -> None:
         """Let gradients reach the trunk again (its parameters' ``requires_grad`` is the
         caller's to set); it follows ``train``/``eval`` like any module."""
-        self.trunk_frozen.fill_(False)
-        self._trunk_frozen = False
+        self.set_flag("trunk_frozen", False)
 
     def train(self, mode: bool = True) -> "SplitNet":
         super().train(mode)
@@ -74,13 +97,11 @@ class SplitNet(nn.Module):
 
 def _reapply_freeze(module: nn.Module, incompatible_keys) -> None:
     """After ``load_state_dict``, restore the frozen-trunk contract recorded in the buffer."""
-    if isinstance(module, SplitNet):
-        module._trunk_frozen = bool(module.trunk_frozen)
-        if module._trunk_frozen:
-            module.freeze_trunk()
+    if isinstance(module, SplitNet) and module.is_trunk_frozen:
+        module.freeze_trunk()
 
 
-class GatedHead(nn.Module):
+class GatedHead(FlagModule):
     """The EE head of [K22] §3.2: for every output ``j`` its own penultimate layer.
 
     With ``z = [z̄, 1] ∈ R^{m_{H−1}}`` (a constant neuron carries the bias) and no output bias,
@@ -103,13 +124,11 @@ class GatedHead(nn.Module):
         out_bound = 1.0 / math.sqrt(width)
         self.out_weight = nn.Parameter(torch.empty(outputs, width).uniform_(-out_bound, out_bound))
         self.register_buffer("gates", torch.zeros(outputs, width, fan_in))
-        self.register_buffer("tied", torch.tensor(True))
-        self._tied = True               # the buffer's value, read without a device sync
-        self.register_load_state_dict_post_hook(_read_tied)
+        self.register_flag("tied", True)
 
     @property
     def are_gates_tied(self) -> bool:
-        return self._tied
+        return self.flag("tied")
 
     def freeze_gates(self) -> None:
         """``R(j) := W(H−1, j)`` now, as a non-trainable buffer; the gates stop following ``w``."""
@@ -120,8 +139,7 @@ class GatedHead(nn.Module):
     def set_tied(self, tied: bool) -> None:
         """Record whether the gates follow ``w`` (the buffer, saved in checkpoints, and its
         Python copy); :meth:`freeze_gates` is how a run unties them."""
-        self.tied.fill_(bool(tied))
-        self._tied = bool(tied)
+        self.set_flag("tied", tied)
 
     def augmented_input(self, z_bar: torch.Tensor) -> torch.Tensor:
         """``z = [z̄, 1]``."""
@@ -143,12 +161,6 @@ class GatedHead(nn.Module):
         return (f"in_features={self.in_features} (+1 constant), width={self.width}, "
                 f"outputs={self.outputs}, gate_sharpness={self.gate_sharpness}, "
                 f"tied={self.are_gates_tied}")
-
-
-def _read_tied(module: nn.Module, incompatible_keys) -> None:
-    """After ``load_state_dict``, the Python copy of the ``tied`` buffer follows the loaded one."""
-    if isinstance(module, GatedHead):
-        module._tied = bool(module.tied)
 
 
 class EEModel(SplitNet):
