@@ -125,7 +125,7 @@ def main() -> None:
                         help="random | digits (16×16×1) | a .npz file (x: N×C×H×W, y: labels)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile phase 1")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both phases (as gconv train --compile)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)

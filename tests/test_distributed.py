@@ -235,3 +235,40 @@ def test_global_batchnorm_gives_the_one_process_gradient_in_float64(runs):
     g2, b2 = torch.load(runs / "bn-two-ranks.pt")
     assert torch.allclose(g2, g1, rtol=1e-12, atol=1e-12)
     assert torch.allclose(b2, b1, rtol=1e-12, atol=1e-12)
+
+
+def _rank_zero_failure_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two gloo ranks: rank 0's work fails; record what each rank raised."""
+    from types import SimpleNamespace
+
+    from global_convergence.errors import NumericalError
+    from global_convergence.training.distributed import DistContext
+    from datetime import timedelta
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))      # a rank left waiting fails, not hangs
+    run = SimpleNamespace(ctx=DistContext(rank, 2, torch.device("cpu")))
+    outcomes = []
+    for failure in (ValueError("bad value on rank 0"), NumericalError("overflow on rank 0"), None):
+        def work():
+            if failure is not None:
+                raise failure
+            return "fine"
+        try:
+            outcomes.append(["returned", *map(str, loop.on_rank_zero(run, work))])
+        except Exception as exc:                   # noqa: BLE001 - recorded for the test
+            outcomes.append(["raised", type(exc).__name__, str(exc)])
+    dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcomes))
+
+
+def test_a_failure_on_rank_zero_reaches_every_rank_instead_of_hanging_them(tmp_path):
+    """The certificate and the alignment checks run on rank 0 alone while the others wait for
+    its broadcast: any failure there must end every rank (a hang would time the test out)."""
+    import torch.multiprocessing as mp
+    mp.start_processes(_rank_zero_failure_worker, args=(str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero[0] == ["raised", "ValueError", "bad value on rank 0"]
+    assert one[0] == ["raised", "RuntimeError", "rank 0 failed: ValueError: bad value on rank 0"]
+    assert zero[1] == one[1] == ["returned", "None", "overflow on rank 0"]
+    assert zero[2] == one[2] == ["returned", "fine", "None"]

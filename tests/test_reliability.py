@@ -334,3 +334,23 @@ def test_rank_check_on_nearly_repeated_inputs_is_inconclusive_not_a_guess():
         verdicts[gap] = expressivity(model, nearly).verdict
     assert verdicts == {1e-3: "verified", 1e-11: "inconclusive", 1e-12: "inconclusive",
                         0.0: "not-verified"}
+
+
+def test_a_checkpoint_of_an_earlier_version_with_numpys_rng_tuple_still_restores(tmp_path):
+    """Before numpy's RNG state was stored as a tensor it was numpy's own tuple (an array
+    inside): such checkpoints load under ``weights_only`` and restore the same generator."""
+    path = tmp_path / CHECKPOINT_NAME
+    np.random.seed(11)
+    torch.save({"step": 2, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                   "python": random.getstate()}}, path)
+    expected = np.random.standard_normal(3)
+    np.random.seed(0)
+    restore_rng(load_checkpoint(path)["rng"])
+    assert np.array_equal(np.random.standard_normal(3), expected)
+
+
+def test_a_corrupt_checkpoint_is_called_unreadable_not_dangerous(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(b"x" * 100)
+    with pytest.raises(UserInputError, match=rf"^checkpoint {path} is unreadable \((?!it holds)"):
+        load_checkpoint(path)

@@ -328,3 +328,18 @@ def test_compile_trains_both_phases_compiled_with_the_eager_losses():
     assert compiled["switch_step"] == eager["switch_step"] == 4
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-6)
     assert compiled["train_error"] == eager["train_error"]
+
+
+def test_numpy_values_a_callback_logs_are_checkpointed_as_plain_numbers(tmp_path):
+    """Checkpoints load with ``weights_only=True``; a callback's numpy or tensor scalars in the
+    row are stored as Python numbers, so the run still resumes."""
+    def add_columns(event):
+        event.row["numpy_value"] = np.float64(event.step) / 2
+        event.row["tensor_value"] = torch.tensor(event.step)
+    config = tiny(method="base", steps=6, checkpoint_every=2, track_alignment_every=None)
+    train(config, tmp_path, progress=False, callbacks=[add_columns], stop_after=4)
+    rows = load_checkpoint(tmp_path / CHECKPOINT_NAME)["rows"]
+    assert [type(r["numpy_value"]) for r in rows] == [float] * len(rows)
+    assert [r["tensor_value"] for r in rows] == [r["step"] for r in rows]
+    assert train(config, tmp_path, progress=False, resume=True,
+                 callbacks=[add_columns])["completed"] is True

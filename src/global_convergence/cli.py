@@ -100,7 +100,9 @@ def _add_train(sub) -> None:
                    help="run a non-analytic model; the certificate then says the guarantee fails")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trained module: the model in phase 1, the head in phase 2")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile what trains: the model in phase 1; in phase 2 the head "
+                   "(with the frozen trunk when features are not cached)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

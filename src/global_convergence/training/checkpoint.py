@@ -6,6 +6,7 @@ The checkpoint holds everything a run needs to continue exactly: model, optimize
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -97,18 +98,35 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"no checkpoint at {path}; expected a checkpoint.pt written by gconv train")
-    try:   # weights_only: tensors and plain containers only, so loading runs no pickled code
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:   # weights_only: tensors, plain containers and numpy arrays; loading runs no pickled code
+        with _numpy_arrays_allowed():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
-        raise UserInputError(
-            f"checkpoint {path} is unreadable (it holds pickled Python objects"
-            f"{f' ({found.group(1)})' if found else ''}, which are not loaded since loading them "
-            "could run code; gconv checkpoints hold tensors and plain values only)") from exc
+        if found:
+            raise UserInputError(
+                f"checkpoint {path} is unreadable (it holds pickled Python objects "
+                f"({found.group(1)}), which are not loaded since loading them could run code; gconv "
+                "checkpoints hold tensors and plain values only)") from exc
+        raise UserInputError(f"checkpoint {path} is unreadable ({_first_line(exc)})") from exc
     except Exception as exc:     # torch raises several types for truncated or foreign files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserInputError(f"checkpoint {path} is unreadable ({type(exc).__name__}: "
-                             f"{first_line})") from exc
+        raise UserInputError(f"checkpoint {path} is unreadable ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _numpy_arrays_allowed():
+    """Let ``weights_only`` loading rebuild numpy arrays (checkpoints written before numpy's
+    RNG state was stored as a tensor hold one); rebuilding an array runs no user code."""
+    reconstruct = np.zeros(1).__reduce__()[0]
+    allowed = [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    if hasattr(torch.serialization, "safe_globals"):              # torch >= 2.5
+        return torch.serialization.safe_globals(allowed)
+    torch.serialization.add_safe_globals(allowed)                # torch 2.4: no context manager
+    return contextlib.nullcontext()
 
 
 def capture_rng() -> dict[str, Any]:
@@ -130,8 +148,10 @@ def _numpy_rng_state() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
+    if isinstance(n, dict):
+        n = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+             n["cached_gaussian"])
+    np.random.set_state(n)           # else numpy's own tuple (checkpoints of earlier versions)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():     # as many devices as both machines have
         for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):

@@ -559,27 +559,54 @@ def log_row(run: Run, callbacks: list[Callback]) -> dict[str, Any]:
     row: dict[str, Any] = {"step": run.step, "epoch": run.step / run.schedule.steps_per_epoch,
                            "phase": run.phase, **evaluate(run), "alignment_ok": None, "q_t": None}
     every = run.config.track_alignment_every
-    failure = None
-    if run.ctx.is_main:
+
+    def checks_and_callbacks() -> tuple[dict[str, Any], int, int]:
         if every and run.step % every == 0:
-            try:
-                _track_alignment(run, row)
-            except NumericalError as exc:   # every rank must hear of it, not wait for rank 0
-                failure = str(exc)
+            _track_alignment(run, row)
         if every:
             row["q_t"] = run.q_t
-        if failure is None:
-            for callback in callbacks:
-                callback(LogEvent(run.step, run.phase, run.model, run.dataset, run.loss, row))
-    if run.ctx.distributed:
-        row, run.q_t, run.alignment_checks, failure = broadcast_object(
-            (row, run.q_t, run.alignment_checks, failure), run.ctx)
+        for callback in callbacks:
+            callback(LogEvent(run.step, run.phase, run.model, run.dataset, run.loss, row))
+        return {k: _plain(v) for k, v in row.items()}, run.q_t, run.alignment_checks
+
+    done, failure = on_rank_zero(run, checks_and_callbacks)
     if failure is not None:
         raise NumericalError(f"alignment check at step {run.step} (phase {run.phase}): {failure}; "
                              "the run has diverged. Lower --lr or check the data.")
+    row, run.q_t, run.alignment_checks = done
     run.rows.append(row)
     run.seconds["evaluation"] += time.perf_counter() - started
     return row
+
+
+def on_rank_zero(run: Run, work: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``work()`` on rank 0 alone, its result on every rank. A :class:`NumericalError` comes
+    back as its message (the caller adds where it happened); any other failure is raised on
+    every rank — rank 0 re-raises it, the others raise a ``RuntimeError`` naming it — so no rank
+    waits for a broadcast that never comes."""
+    result, numerical, error = None, None, None
+    if run.ctx.is_main:
+        try:
+            result = work()
+        except NumericalError as exc:
+            numerical = str(exc)
+        except Exception as exc:
+            error = exc
+    if run.ctx.distributed:
+        described = None if error is None else f"{type(error).__name__}: {error}"
+        result, numerical, described = broadcast_object((result, numerical, described), run.ctx)
+        if described is not None and error is None:
+            raise RuntimeError(f"rank 0 failed: {described}")
+    if error is not None:
+        raise error
+    return result, numerical
+
+
+def _plain(value: Any) -> Any:
+    """A numpy or one-element torch scalar as a Python number (checkpoints hold plain values)."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        return value.item()
+    return value
 
 
 def _track_alignment(run: Run, row: dict[str, Any]) -> None:
@@ -764,13 +791,7 @@ def _on_switch(run: Run, out: Path | None) -> None:
     _check_parameters(run, 1, out)
     enter_phase2(run)
     started = time.perf_counter()
-    failure = None
-    if run.ctx.is_main:
-        try:
-            run.certificate = make_certificate(run)
-        except NumericalError as exc:       # every rank must hear of it, not wait for rank 0
-            failure = str(exc)
-    run.certificate, failure = broadcast_object((run.certificate, failure), run.ctx)
+    run.certificate, failure = on_rank_zero(run, lambda: make_certificate(run))
     if failure is not None:
         raise NumericalError(f"certificate at the switch, step {run.step} (phase 1): {failure}; "
                              f"{_last_good(run, out)}. Lower --lr or check the data.")
