@@ -180,6 +180,18 @@ def test_the_certificate_tries_float32_only_on_cached_features():
     assert uncached["feature_precision"] == "float64" and "float32_attempt" not in uncached
 
 
+def test_auto_precision_tries_float32_on_the_cpu_only():
+    """On CUDA the float32 attempt cost more than it saved (H200): ``auto`` goes to float64."""
+    from types import SimpleNamespace
+
+    from global_convergence.training.distributed import DistContext
+    features = torch.zeros(3, 2)
+    on = {kind: SimpleNamespace(ctx=DistContext(0, 1, torch.device(kind))) for kind in ("cpu", "cuda")}
+    assert loop._float32_attempt_pays(on["cpu"], features)
+    assert not loop._float32_attempt_pays(on["cpu"], None)
+    assert not loop._float32_attempt_pays(on["cuda"], features)       # the device is not touched
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(exploit_lr=-1.0), "--exploit-lr must be a positive number or 'auto'"),
     (dict(exploit_lr="fast"), "--exploit-lr must be a positive number or 'auto'"),

@@ -69,9 +69,10 @@ def _add_train(sub) -> None:
                    help="step of the second phase: a number, or auto = the certificate's 1/L "
                         "(the largest step its theorem allows); default: --lr")
     p.add_argument("--certificate-precision", default="auto",
-                   help="auto (decide from the float32 feature cache with its measured error as "
-                        "a noise floor; float64 features only when that does not verify; "
-                        "default) | float64 (always a float64 feature pass)")
+                   help="auto (on the CPU, decide from the float32 feature cache with its "
+                        "measured error as a noise floor, float64 features only when that does "
+                        "not verify; on CUDA float64 at once; default) | float64 (always a "
+                        "float64 feature pass)")
     p.add_argument("--loss", default="ce", help="ce | mse")
     p.add_argument("--n", type=int, help="number of training points (a seeded subset)")
     p.add_argument("--noise", type=float, help="two-moons noise")

@@ -51,7 +51,8 @@ class TrainConfig:
     """Features of the certificate at the switch: ``auto`` decides from the float32 features
     (the phase-2 cache) with their measured error counted as a noise floor and recomputes them in
     float64 only when that does not verify (without a cache — augmentation, ``feature_cache="off"``
-— it computes float64 features at once); ``float64`` always recomputes (SPEC §4)."""
+    — and on CUDA, where the attempt costs more than it saves, it computes float64 features at
+    once); ``float64`` always recomputes (SPEC §4)."""
     loss: str = "ce"
     n: int | None = None
     augment: bool = False
