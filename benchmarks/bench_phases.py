@@ -8,8 +8,9 @@ augmentation):
 * a full EE run with τ0 = 0.6 ≤ 0.7 × the base run of the same epochs (wall-clock of ``train``:
   steps, per-epoch evaluation, the switch with its certificate).
 
-The certificate is timed twice: as runs make it (``certificate_precision="auto"``: from the
-float32 feature cache, noise floor counted) and with a float64 feature pass.
+The certificate is timed twice: as runs make it (``certificate_precision="auto"``: on the CPU
+from the float32 feature cache, noise floor counted; on CUDA float64 at once) and with a float64
+feature pass.
 
 Part 1 drives one EE run by hand with the loop's own functions (``train_step``, the wrapper's
 switch, ``enter_phase2``) and times: phase-1 epochs, the switch (perturbation + batch-norm
