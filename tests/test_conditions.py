@@ -199,10 +199,16 @@ def test_alignment_from_the_ntk_matches_the_jacobian_route_and_falls_back(monkey
                                                            direct.details["rank_augmented"])
     assert fast.tolerance == pytest.approx(direct.tolerance, rel=1e-5)
     monkeypatch.setattr(alignment_module, "FLOAT32_JACOBIAN_SAFETY", 1e12)
-    slow = alignment(model, x, y, loss=loss)
-    assert slow.details["route"] == "tsqr-float64-svd"
+    slow = alignment(model, x, y, loss=loss)            # the float32 J's own Gram, in float64
+    assert slow.details["route"] == "jacobian-gram-float64-eigh"
     assert (slow.rank, slow.details["rank_augmented"]) == (direct.rank,
                                                            direct.details["rank_augmented"])
+    monkeypatch.setattr(alignment_module, "gram_rounding_bound", lambda *args: 1e12)
+    slowest = alignment(model, x, y, loss=loss)         # neither Gram resolves: J's TSQR factor
+    assert slowest.details["route"] == "tsqr-float64-svd"
+    assert (slowest.rank, slowest.details["rank_augmented"]) == (direct.rank,
+                                                                 direct.details["rank_augmented"])
+    assert slowest.tolerance == pytest.approx(slow.tolerance, rel=1e-6)
 
 
 def test_alignment_from_the_gram_refuses_inf_and_survives_a_float32_jacobian_overflow(

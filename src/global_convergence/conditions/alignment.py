@@ -141,9 +141,7 @@ def alignment_of_jacobian(j: Tensor, y: Tensor, *, n: int | None = None, method:
     rows, d = j.shape
     require_finite(j, "alignment", "the Jacobian")
     y = _target_vector(y, rows, j.device)
-    gram = _gram64(j)
-    spectra = _spectra(gram, gram_rounding_bound(d, float(gram.trace()), torch.float64), y,
-                       (rows, d), dtype, tol, lambda: j)
+    spectra = _jacobian_spectra(j, y, (rows, d), dtype, tol)
     return _verdict(spectra, y, n, (rows, d), dtype, method, residual_threshold, start)
 
 
@@ -226,22 +224,44 @@ def _spectra(gram: Tensor, rounding: float, y: Tensor, shape: tuple[int, int],
              dtype: torch.dtype, tol: float | None,
              jacobian: Callable[[], Tensor] | None) -> dict[str, Any]:
     """Singular values of ``J`` and ``[J, y]``, tolerances and an orthonormal basis of the left
-    singular vectors of ``J`` (descending): from the float64 Gram (eigenvalue uncertainty
-    ``rounding``) where it resolves the tolerances, else from the TSQR factor of ``jacobian()``."""
+    singular vectors of ``J`` (descending): from ``gram`` (eigenvalue uncertainty ``rounding``)
+    where it resolves the tolerances, else from ``jacobian()`` (:func:`_jacobian_spectra`)."""
+    spectra, resolved = _gram_spectra(gram, rounding, y, shape, dtype, tol)
+    j = None if resolved or jacobian is None else jacobian()
+    if j is None or not bool(torch.isfinite(j).all()):
+        why = "" if resolved else " (unresolved)" if j is None else \
+            " (unresolved; the float32 Jacobian overflows)"
+        return {**spectra, "route": "gram-float64-eigh" + why}
+    return _jacobian_spectra(j, y, shape, dtype, tol)
+
+
+def _gram_spectra(gram: Tensor, rounding: float, y: Tensor, shape: tuple[int, int],
+                  dtype: torch.dtype, tol: float | None) -> tuple[dict[str, Any], bool]:
+    """The spectra from ``eigh`` of ``G`` and ``G + y yᵀ``, and whether no eigenvalue lies
+    within the uncertainty of a tolerance (so the ranks are those of ``J`` itself)."""
     rows, d = shape
     spectrum = GramSpectrum.of(gram, rounding)
     aug = GramSpectrum.of(gram + torch.outer(y, y), spectrum.uncertainty)
     values, values_aug = spectrum.singular_values, aug.singular_values
     t = numpy_tolerance(values[0] if values.size else 0.0, (rows, d), dtype) if tol is None else tol
     t_aug = numpy_tolerance(values_aug[0], (rows, d + 1), dtype) if tol is None else tol
-    resolved = spectrum.resolves(t) and aug.resolves(t_aug)
-    j = None if resolved or jacobian is None else jacobian()
-    if j is None or not bool(torch.isfinite(j).all()):
-        why = "" if resolved else " (unresolved)" if j is None else \
-            " (unresolved; the float32 Jacobian overflows)"
-        return {"values": values, "values_aug": values_aug, "tol": t, "tol_aug": t_aug,
-                "basis": spectrum.vectors, "method": "gram-eigh",
-                "route": "gram-float64-eigh" + why}
+    spectra = {"values": values, "values_aug": values_aug, "tol": t, "tol_aug": t_aug,
+               "basis": spectrum.vectors, "method": "gram-eigh"}
+    return spectra, spectrum.resolves(t) and aug.resolves(t_aug)
+
+
+def _jacobian_spectra(j: Tensor, y: Tensor, shape: tuple[int, int], dtype: torch.dtype,
+                      tol: float | None) -> dict[str, Any]:
+    """The spectra of the Jacobian ``j`` itself: from its Gram formed in float64 — products of
+    float32 entries are exact there, so the only error is float64 summation, far below a float32
+    tolerance — and, where even that does not resolve a tolerance, from ``j``'s TSQR factor
+    (twice the arithmetic of the Gram, in slower Householder steps)."""
+    rows, d = shape
+    gram = _gram64(j)
+    rounding = gram_rounding_bound(d, float(gram.trace()), torch.float64)
+    spectra, resolved = _gram_spectra(gram, rounding, y, shape, dtype, tol)
+    if resolved:
+        return {**spectra, "route": "jacobian-gram-float64-eigh"}
     r = triangular_factor(c.to(torch.float64) for c in _column_chunks(j))
     u, s, _ = torch.linalg.svd(r.T, full_matrices=False)
     values = s.cpu().numpy().astype(np.float64)
