@@ -10,13 +10,15 @@ tolerance are flagged in ``details["near_tolerance"]``).
 
 Singular values come from ``G = J Jᵀ``, and ``[J, y'][J, y']ᵀ = G + y'y'ᵀ``. For the float32
 test ``G`` is the empirical NTK of a float64 copy of the model (:func:`~global_convergence.ntk.
-empirical_ntk`, structured where the layers allow: ``J`` is never formed — a whole check takes
-3.8 s instead of 27 s for LeNet with d = 355,681 at n = 1000); it differs from the float32 ``J``'s Gram by rounding of
-order ``ε₃₂ tr G`` (``FLOAT32_JACOBIAN_SAFETY`` times that is counted as eigenvalue
-uncertainty), far below a float32 tolerance squared.
-Where that uncertainty does not resolve the tolerance — and always for ``precision="float64"`` —
-the singular values come from the TSQR factor ``R`` of ``Jᵀ`` instead, whose augmented form is
-``[R; y'ᵀ]``.
+empirical_ntk`, structured where the layers allow: ``J`` is never formed — a check it decides
+takes 3.8 s instead of 27 s for LeNet with d = 355,681 at n = 1000); it differs from the float32
+``J``'s Gram by rounding of order ``ε₃₂ tr G`` (``FLOAT32_JACOBIAN_SAFETY`` times that is
+counted as eigenvalue uncertainty), far below a float32 tolerance squared.
+Where that uncertainty does not resolve the tolerance (most checks on trained LeNets) the float32
+``J`` is formed and its own Gram accumulated in float64 (exact products, float64 sums: 19 s
+instead of 34 s by TSQR there); where even that does not — and always for
+``precision="float64"`` — the singular values come from the TSQR factor ``R`` of ``Jᵀ``, whose
+augmented form is ``[R; y'ᵀ]``.
 
 Variants (options; they do not agree with the default and are reported, not mixed, SPEC §4):
 ``precision="float64"`` (a float64 Jacobian and tolerance) and ``method="residual"`` (verified
