@@ -1,4 +1,4 @@
-"""The losses of SPEC §1, their smoothness constants ``L_ℓ`` and the alignment targets ``Y'``.
+"""The losses of the papers' training objectives, their smoothness constants ``L_ℓ`` and the alignment targets ``Y'``.
 
 | kind | targets | ℓ(q, y) | L_ℓ | Y' |
 |---|---|---|---|---|
@@ -28,7 +28,7 @@ class Loss:
 
     @property
     def smoothness(self) -> float:
-        """``L_ℓ``: Lipschitz constant of ∇_q ℓ(q, y) (SPEC §1)."""
+        """``L_ℓ``: Lipschitz constant of ∇_q ℓ(q, y) (docs/design.md)."""
         if self.kind == "mse":
             return 2.0
         return 0.25 if self.output_dim == 1 else 0.5
@@ -68,7 +68,7 @@ class Loss:
         return (self.predictions(output) != y).sum()
 
     def alignment_targets(self, y: torch.Tensor) -> torch.Tensor:
-        """``Y' ∈ R^{n × m_y}`` (SPEC §1); ``vec`` of it pairs with the rows of ``J``."""
+        """``Y' ∈ R^{n × m_y}`` (docs/design.md); ``vec`` of it pairs with the rows of ``J``."""
         if self.kind == "mse":
             return self._regression_targets(y, torch.float64)
         if self.output_dim == 1:

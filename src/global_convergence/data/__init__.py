@@ -1,4 +1,4 @@
-"""Data: generated sets, torchvision sets, the user's ``.npz`` and input validation (SPEC §6).
+"""Data: generated sets, torchvision sets, the user's ``.npz`` and input validation.
 
 Every loader returns a :class:`Dataset` of in-memory tensors; :func:`load_dataset` is the one
 entry point, :func:`augment_batch` the tensor-level augmentation a training loop applies to a

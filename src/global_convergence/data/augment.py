@@ -1,4 +1,4 @@
-"""Batch-level data augmentation on tensors, on any device (SPEC §6, ``--augment``).
+"""Batch-level data augmentation on tensors, on any device (``--augment``).
 
 - ``"crop-flip"`` (CIFAR): random crop with zero padding, then a random horizontal flip.
 - ``"crop"`` (digit-like images: MNIST, KMNIST, SVHN, Semeion, digits): the random crop only;

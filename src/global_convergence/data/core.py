@@ -1,4 +1,4 @@
-"""The in-memory :class:`Dataset` every loader of this package returns (SPEC §6)."""
+"""The in-memory :class:`Dataset` every loader of this package returns."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ class Dataset:
     ``y_train`` / ``y_test`` hold either ``int64`` class labels ``0..num_classes-1`` (shape
     ``(n,)``) or ``float32`` real targets of shape ``(n, m_y)`` (``loss="mse"`` on real values,
     ``num_classes`` then ``None``). The dtype says which: integer labels are labels even when the
-    loss is ``mse`` (the training code maps them to targets, SPEC §1).
+    loss is ``mse`` (the training code maps them to targets, docs/design.md).
     """
 
     name: str
@@ -40,7 +40,7 @@ class Dataset:
 
     @property
     def output_dim(self) -> int:
-        """``m_y`` of SPEC §1: 1 for 2 classes, C for C > 2 classes, ``y.shape[1]`` for targets."""
+        """``m_y``, the number of outputs: 1 for 2 classes, C for C > 2 classes, ``y.shape[1]`` for targets."""
         if self.y_train.is_floating_point():
             return int(self.y_train.shape[1])
         if self.num_classes is None:

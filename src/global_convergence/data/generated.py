@@ -1,4 +1,4 @@
-"""Data sets made on the spot, needing no files (SPEC §6).
+"""Data sets made on the spot, needing no files.
 
 - ``two-moons``: :func:`sklearn.datasets.make_moons`, ``noise=None`` by default, no test set.
 - ``sine``: ``x ~ U[-1, 1]``, ``y = 1{sin(20 x) < 0}``, no test set.
@@ -19,7 +19,7 @@ from ..errors import UserInputError
 from .core import Dataset, check_n, choose_subset
 
 DEFAULT_N = {"two-moons": 100, "sine": 100, "random": 1000}
-"""Number of points generated when ``n`` is not given (SPEC §6)."""
+"""Number of points generated when ``n`` is not given."""
 
 SINE_FREQUENCY = 20.0
 DIGITS_TRAIN = 1000

@@ -1,4 +1,4 @@
-"""``load_dataset``: one entry point for every data set of SPEC §6 by name or ``.npz`` path."""
+"""``load_dataset``: one entry point for every data set of the package by name or ``.npz`` path."""
 from __future__ import annotations
 
 import numpy as np

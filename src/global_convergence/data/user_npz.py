@@ -1,4 +1,4 @@
-"""The user's own data in a ``.npz`` file (SPEC §6, §7).
+"""The user's own data in a ``.npz`` file.
 
 Arrays: ``x`` (n × features or n × C × H × W) and ``y``; optionally ``x_test`` and ``y_test``.
 With ``loss="ce"`` ``y`` holds integer class labels (an integer dtype, or floats with integral

@@ -1,4 +1,4 @@
-"""Validation of user-facing arrays: shapes, finite values and class labels (SPEC §6, §7).
+"""Validation of user-facing arrays: shapes, finite values and class labels.
 
 Every problem raises :class:`~global_convergence.errors.UserInputError` with a one-line message
 that starts with the data set's name, names the offending value and says what was expected.

@@ -1,4 +1,4 @@
-"""The image data sets read through torchvision's own dataset classes (SPEC §6).
+"""The image data sets read through torchvision's own dataset classes.
 
 Files live under a *data root* (``data_root``, else ``$GCONV_DATA_ROOT``, else
 ``~/.cache/global-convergence/data``) in exactly the layout torchvision's classes use and

@@ -1,6 +1,6 @@
-"""Paper reproductions behind ``gconv reproduce EXPERIMENT --preset {smoke,cpu,paper}`` (SPEC §5).
+"""Paper reproductions behind ``gconv reproduce EXPERIMENT --preset {smoke,cpu,paper}``.
 
-Each experiment of SPEC §5 is one module with a settings dataclass, ``PRESETS`` (``smoke``: seconds,
+Each experiment is one module with a settings dataclass, ``PRESETS`` (``smoke``: seconds,
 for tests; ``cpu``: scaled down to minutes on 2 cores, offline stand-ins for missing data; ``paper``:
 the papers' settings, for a GPU) and ``run(ctx, settings) -> Path`` of its ``report.md``. All are
 built from the library's own training loop, wrappers, condition verifiers and NTK code
@@ -30,7 +30,7 @@ EXPERIMENTS: dict[str, ModuleType] = {
     "aaai-table1": aaai_table1,
     "aaai-table2": aaai_table2,
 }
-"""SPEC §5 experiment ids → their modules."""
+"""Experiment ids → their modules."""
 PRESET_NAMES = ("smoke", "cpu", "paper")
 
 

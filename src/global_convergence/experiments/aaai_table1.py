@@ -132,7 +132,7 @@ def run(ctx: Context, s: AaaiTable1Settings) -> Path:
         f"Mean (std) over seeds {list(s.seeds)}. T = {s.epochs_plain} epochs without "
         f"augmentation, {s.epochs_aug} with; τ0 = {s.tau0}, δ0 = {s.delta0}. Expressivity: "
         f"rank([h_X, 1_n]) = n at PyTorch's default initialisation, seed {s.expressivity_seed}, "
-        "float64 (SPEC §4).")
+        "float64 (docs/verifiers.md).")
     figures = []
     for augment in s.augment:
         panels = loss_curve_panels(runs, (BASE, TWO_PHASE), s.datasets, augment)

@@ -3,7 +3,7 @@
 Full-batch gradient descent on the 4-layer softplus MLP: on two moons it reaches zero training
 error with ``Q_T = 0`` (alignment holds at every check); on the sine wave it stays at a high
 training error and ``Q_T`` grows with T (alignment fails). ``Q_T`` counts the checks up to T where
-``vec(Y') ∉ Col(J(θ_t))`` by the paper's float32 rank test (SPEC §4), taken every
+``vec(Y') ∉ Col(J(θ_t))`` by the paper's float32 rank test (docs/verifiers.md), taken every
 ``alignment_every`` steps; ``‖M(θ_T) − M(θ_0)‖_F²`` (Table 1a) is logged at the start and the end.
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ def run(ctx: Context, s: Fig1aSettings) -> Path:
                   "ours per seed", "paper: Q_T", "ours: Q_T / checks per seed",
                   "ours: failed checks after t = 0"], outcome),
         f"Q_T counts failed alignment checks, taken every {s.alignment_every} steps from t = 0 "
-        "(the paper counts every step). The test is SPEC §4's float32 rank test at numpy's default "
+        "(the paper counts every step). The test is the float32 rank test of docs/verifiers.md at numpy's default "
         "tolerance; its verdict at one check can flip when a singular value sits near the "
         "tolerance, which is why a single early failure (t = 0) can appear on two moons.")
     if s.ntk:

@@ -1,4 +1,4 @@
-"""Real-analytic models and the model modifications behind the guarantees (SPEC §2, §3)."""
+"""Real-analytic models and the model modifications behind the guarantees ([KS21] §3, [K22] §3.2; docs/design.md)."""
 from __future__ import annotations
 
 from torch import nn
@@ -16,7 +16,7 @@ MODEL_NAMES = ("mlp", "lenet", "resnet18", "preact-resnet18")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int, width: int = 1) -> nn.Module:
-    """One of the library's base models (SPEC §2) for inputs of ``input_shape`` (one sample)."""
+    """One of the library's base models (docs/design.md) for inputs of ``input_shape`` (one sample)."""
     if name == "mlp":
         return MLP(input_features(input_shape), num_outputs)
     if name in ("lenet", "resnet18", "preact-resnet18") and len(input_shape) != 3:

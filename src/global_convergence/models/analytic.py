@@ -110,7 +110,7 @@ def flush_denormals(enabled: bool = True) -> Iterator[bool]:
     """Context manager: flush float32 subnormals to zero on the CPU inside the block.
 
     With softplus(100) many activations and gradients underflow into subnormals, which x86 CPUs
-    process many times slower (SPEC §2: 9× on full-batch training of the ``mlp``). The setting is
+    process many times slower (docs/performance.md). The setting is
     per thread in PyTorch; it is restored on exit. Yields whether flushing is supported.
     """
     previous = _flush_denormal_state()

@@ -4,7 +4,7 @@ hidden layer of the two-phase method ([KS21] §3), both as a *split* network ``h
 The trunk is everything the second phase keeps fixed. Once :meth:`SplitNet.freeze_trunk` has run,
 the trunk always evaluates in eval mode (batch-norm with its fixed running statistics, even when
 the user's loop calls ``model.train()``) and under ``torch.no_grad()``: no gradient is computed or
-stored through it (SPEC §3.3).
+stored through it (docs/design.md).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from .analytic import SOFTPLUS_BETA, softplus
 from .surgery import find_last_layers, replace_module
 
 GATE_SHARPNESS = 1.0
-"""ς' of the gates σ̃(q) = sigmoid(ς' q): 1, as in the ResNet runs of [K22] (SPEC §3.4)."""
+"""ς' of the gates σ̃(q) = sigmoid(ς' q): 1, as in the ResNet runs of [K22] §3.4 (docs/design.md)."""
 TWO_PHASE_WIDTH_FACTOR = 1.1
-"""c of the wide layer ⌈c·n⌉ of the two-phase architecture (SPEC §3.1)."""
+"""c of the wide layer ⌈c·n⌉ of the two-phase architecture ([KS21] §3.2)."""
 
 
 class FlagModule(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 from .analytic import SOFTPLUS_BETA, softplus
 
 MLP_HIDDEN = (300, 300, 300)
-"""'four layers with 300 neurons per hidden layer' read as 3 hidden + the output layer (SPEC §3.4)."""
+"""'four layers with 300 neurons per hidden layer' read as 3 hidden + the output layer (docs/design.md)."""
 
 
 class MLP(nn.Sequential):
