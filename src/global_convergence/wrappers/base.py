@@ -115,9 +115,12 @@ class PhaseWrapper(torch.optim.Optimizer):
                  allow_non_analytic: bool = False, exploit_lr: float | str | None = None) -> None:
         self.model = self._check_model(unwrap_model(model))
         self.analytic = check_analytic(self.model, type(self).__name__, allow_non_analytic)
-        if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, PhaseWrapper):
-            raise UserInputError(f"optimizer must be a torch.optim.Optimizer (not a wrapper), got "
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UserInputError(f"optimizer must be a torch.optim.Optimizer, got "
                                  f"{type(optimizer).__name__}")
+        if isinstance(optimizer, PhaseWrapper):
+            raise UserInputError(f"optimizer is already a {type(optimizer).__name__}: wrap the "
+                                 "user's torch.optim optimizer once")
         self._base = optimizer
         self.tau = check_tau(tau, total_steps)
         self.seed = int(seed)

@@ -48,11 +48,9 @@ def check_analytic(model: nn.Module, owner: str, allow_non_analytic: bool) -> bo
         shown = ", ".join(offending[:SHOWN_MODULES])
         more = len(offending) - SHOWN_MODULES
         names = shown + (f" and {more} more" if more > 0 else "")
-        raise UserInputError(
-            f"{owner}: the guarantee needs a real-analytic model, but these modules are not: "
-            f"{names}; convert them with make_analytic(model) (softplus with beta=100 instead of "
-            "ReLU, average instead of max pooling), or pass allow_non_analytic=True to train "
-            "without the guarantee (the certificate then withholds the bound)")
+        raise UserInputError(f"{owner}: the guarantee needs a real-analytic model, but these "
+                             f"modules are not: {names} (convert with make_analytic, or pass "
+                             "allow_non_analytic=True to run without it)")
     return not offending
 
 
