@@ -160,6 +160,11 @@ def test_exploit_lr_auto_takes_the_certificates_step_and_refuses_to_step_before_
     assert certificate["bound_withheld_because"] == []       # full-batch GD at 1/L: every assumption
     _train_step(model, wrapper, TAU)
     assert wrapper.step_count == TAU + 1
+    other_model, other = _build(method, exploit_lr="auto")     # another rank, the same state
+    for step in range(TAU):
+        _train_step(other_model, other, step)
+    other.set_certificate(certificate)
+    assert [g["lr"] for g in other.active_optimizer.param_groups] == [certificate["step_max"]]
 
 
 @pytest.mark.parametrize("make, name, failing", [
