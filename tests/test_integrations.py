@@ -82,7 +82,10 @@ class _Data(lightning.LightningDataModule):
 
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
-              pytest.mark.filterwarnings("ignore:.*LeafSpec")]     # the libraries' own notices
+              pytest.mark.filterwarnings("ignore:.*LeafSpec"),
+              pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode"),
+              pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint")]
+"""The libraries' own notices (the frozen trunk is in eval mode on purpose)."""
 
 
 @pytest.fixture(autouse=True)
@@ -100,9 +103,7 @@ def _quiet():
 
 def test_lightning_trains_a_wrapper_from_configure_optimizers_through_the_switch(tmp_path):
     module, data = _Module(), _Data()
-    trainer = lightning.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = _lightning_trainer(STEPS, tmp_path, enable_checkpointing=False)
     trainer.fit(module, datamodule=data)
     wrapper = trainer.optimizers[0]
     assert isinstance(wrapper, EEWrapper) and wrapper.phase == 2 and wrapper.step_count == STEPS
@@ -113,6 +114,55 @@ def test_lightning_trains_a_wrapper_from_configure_optimizers_through_the_switch
     torch.testing.assert_close(running_mean, _bn_statistics(module.net, data.train_dataloader()))
     assert wrapper.active_optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 ** 3)
     assert wrapper.active_optimizer.param_groups[0]["params"] == [module.net.head.weight]
+
+
+class _OrderedData(lightning.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(*_data()), batch_size=BATCH)
+
+
+def _lightning_trainer(steps, root, **kwargs):
+    return lightning.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=root, **kwargs)
+
+
+class _Recording(_Module):
+    """Records, before every step, what the step starts from."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def on_train_batch_start(self, batch, batch_idx):
+        wrapper = self.trainer.optimizers[0]
+        momentum = [s["momentum_buffer"].clone() for s in wrapper.state.values()]
+        self.seen[wrapper.step_count] = (self.net.head.weight.detach().clone(), momentum,
+                                         wrapper.param_groups[0]["lr"], batch[0].clone())
+
+
+def test_lightning_resumes_a_checkpoint_after_the_switch_exactly(tmp_path):
+    """The epoch-end checkpoint of step 8 (after the switch at τ = 6), resumed into a fresh module
+    with other initial weights, starts from the uninterrupted run's state at step 8 and, on the
+    same batch, takes the same step. (Lightning 2.6 then replays that batch once more: its own
+    loop, not the optimizer, so later steps are not compared.)"""
+    every_epoch = lightning.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1,
+                                                      save_top_k=-1)
+    whole = _Recording()
+    _lightning_trainer(STEPS, tmp_path, callbacks=[every_epoch]).fit(whole, datamodule=_OrderedData())
+    resumed = _Recording()
+    resumed.net = _net(seed=1)
+    trainer = _lightning_trainer(STEPS, tmp_path, enable_checkpointing=False)
+    trainer.fit(resumed, datamodule=_OrderedData(), ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
+    assert min(resumed.seen) == 8 and trainer.optimizers[0].step_count == STEPS
+    for step in (8, 9):
+        weight, momentum, lr, batch = whole.seen[step]
+        again, again_momentum, again_lr, again_batch = resumed.seen[step]
+        assert torch.equal(weight, again) and lr == again_lr and len(momentum) == 1
+        assert all(torch.equal(a, b) for a, b in zip(momentum, again_momentum))
+    assert torch.equal(whole.seen[8][3], resumed.seen[8][3])
+    assert all(torch.equal(a, b) for a, b in zip(_frozen(whole.net), _frozen(resumed.net)))
+    assert not resumed.net.head.are_gates_tied
 
 
 class _Regressor(nn.Module):
