@@ -278,20 +278,50 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     assert target.read_text() == "mine"
 
 
-def test_resume_without_a_checkpoint_or_with_other_options(tmp_path):
+def test_resume_on_a_folder_without_a_checkpoint_starts_the_run(tmp_path):
+    """A job pre-empted before its first checkpoint is re-submitted unchanged: ``--resume`` on a
+    folder holding no checkpoint yet starts the run, and gives what a run without it gives."""
+    job = (*BASE, "--method", "ee", "--steps", "6", "--n", "10", "--batch-size", "0")
+    code, _, stderr = gconv(*job, "--out", str(tmp_path / "fresh"), "--resume")
+    assert code == 0, stderr
+    (tmp_path / "empty").mkdir()
+    assert gconv(*job, "--out", str(tmp_path / "empty"), "--resume")[0] == 0
+    assert gconv(*job, "--out", str(tmp_path / "plain"))[0] == 0
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text())
+                 for name in ("fresh", "empty", "plain")]
+    assert summaries[0]["steps"] == 6 and summaries[0]["completed"]
+    assert summaries[0]["train_loss"] == summaries[1]["train_loss"] == summaries[2]["train_loss"]
+    verdicts = [(c["condition"]["verdict"], c["condition"]["rank"])
+                for c in (summary["certificate"] for summary in summaries)]
+    assert verdicts[0] == verdicts[1] == verdicts[2]
+    assert gconv(*job, "--out", str(tmp_path / "fresh"), "--resume")[0] == 0     # completed: kept
+    again = json.loads((tmp_path / "fresh" / "summary.json").read_text())
+    assert again["train_loss"] == summaries[0]["train_loss"]
+
+
+def test_resume_refuses_a_folder_holding_another_runs_files(tmp_path):
     out = tmp_path / "out"
-    code, _, stderr = gconv(*BASE, "--method", "base", "--steps", "3", "--out", str(out), "--resume")
-    assert (code, stderr) == (2, f"gconv: error: no checkpoint at {out / CHECKPOINT_NAME}; expected "
-                                 "a checkpoint.pt written by gconv train\n")
-    assert not out.exists()
-    assert gconv(*BASE, "--method", "base", "--steps", "3", "--n", "10", "--out", str(out))[0] == 0
-    code, _, stderr = gconv(*BASE, "--method", "base", "--steps", "3", "--n", "10", "--lr", "0.2",
-                            "--out", str(out), "--resume")
+    job = (*BASE, "--method", "base", "--steps", "3", "--n", "10")
+    assert gconv(*job, "--out", str(out))[0] == 0
+    code, _, stderr = gconv(*job, "--lr", "0.2", "--out", str(out), "--resume")
     assert (code, stderr) == (2, "gconv: error: --resume with options that differ from the "
                                  "checkpoint's (lr: 0.1 -> 0.2)\n")
+    (out / CHECKPOINT_NAME).unlink()                     # a summary.json of another configuration
+    code, _, stderr = gconv(*job, "--lr", "0.2", "--out", str(out), "--resume")
+    assert (code, stderr) == (2, "gconv: error: --resume with options that differ from the run "
+                                 f"whose summary.json is in {out} (lr: 0.1 -> 0.2)\n")
+    (out / "summary.json").unlink()                      # results nobody can attribute
+    code, _, stderr = gconv(*job, "--out", str(out), "--resume")
+    assert (code, stderr) == (2, f"gconv: error: --resume: {out} holds a metrics.csv but neither "
+                                 "checkpoint.pt nor summary.json, so it cannot be told to be this "
+                                 "run's; give another --out or empty the folder\n")
+    assert (out / "metrics.csv").is_file()               # nothing was removed
+    (out / "summary.json").write_text("{not json")
+    code, _, stderr = gconv(*job, "--out", str(out), "--resume")
+    assert code == 2 and stderr.startswith(f"gconv: error: --resume: {out} holds a summary.json "
+                                           "that is not one of gconv train") and stderr.count("\n") == 1
     (out / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
-    code, _, stderr = gconv(*BASE, "--method", "base", "--steps", "3", "--n", "10",
-                            "--out", str(out), "--resume")
+    code, _, stderr = gconv(*job, "--out", str(out), "--resume")
     assert code == 2 and stderr.startswith(f"gconv: error: checkpoint {out / CHECKPOINT_NAME} is "
                                            "unreadable (") and stderr.count("\n") == 1
 

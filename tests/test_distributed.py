@@ -88,12 +88,12 @@ def bn_gradients(ctx=None):
 DRIVER = BN_CHECK + '''
 import json, os, sys
 from global_convergence.cli import main
-from global_convergence.training import TrainConfig, train, loop
+from global_convergence.training import TrainConfig, evaluation, train, loop
 from global_convergence.training.distributed import init_distributed
 
 loop.plot_run = lambda *args, **kwargs: []
 spec = json.loads(sys.argv[1])
-loop.EVAL_CHUNK = 16
+evaluation.EVAL_CHUNK = 16
 assert main(spec["cli"]) == 0
 for name, (options, stop) in spec["runs"].items():
     train(TrainConfig(**options), os.path.join(spec["root"], name), progress=False, stop_after=stop)
@@ -239,14 +239,12 @@ def test_global_batchnorm_gives_the_one_process_gradient_in_float64(runs):
 
 def _rank_zero_failure_worker(rank: int, init_file: str, out_dir: str) -> None:
     """One of two gloo ranks: rank 0's work fails; record what each rank raised."""
-    from types import SimpleNamespace
-
     from global_convergence.errors import NumericalError
-    from global_convergence.training.distributed import DistContext
+    from global_convergence.training.distributed import DistContext, on_rank_zero
     from datetime import timedelta
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))      # a rank left waiting fails, not hangs
-    run = SimpleNamespace(ctx=DistContext(rank, 2, torch.device("cpu")))
+    ctx = DistContext(rank, 2, torch.device("cpu"))
     outcomes = []
     for failure in (ValueError("bad value on rank 0"), NumericalError("overflow on rank 0"), None):
         def work():
@@ -254,7 +252,7 @@ def _rank_zero_failure_worker(rank: int, init_file: str, out_dir: str) -> None:
                 raise failure
             return "fine"
         try:
-            outcomes.append(["returned", *map(str, loop.on_rank_zero(run, work))])
+            outcomes.append(["returned", *map(str, on_rank_zero(ctx, work))])
         except Exception as exc:                   # noqa: BLE001 - recorded for the test
             outcomes.append(["raised", type(exc).__name__, str(exc)])
     dist.destroy_process_group()

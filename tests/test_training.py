@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from global_convergence.errors import NumericalError, UserInputError
-from global_convergence.training import loop
+from global_convergence.training import loop, switch
 from global_convergence.training import (CHECKPOINT_NAME, TrainConfig, build_run, load_checkpoint,
                                          train)
 
@@ -159,7 +159,7 @@ def test_exploit_lr_auto_takes_the_certificates_step_and_earns_the_bound(method)
     for _ in range(config.tau):
         loop.train_step(run)
         run.step += 1
-    loop._on_switch(run, None)
+    switch.on_switch(run, None)
     certificate = run.certificate
     assert certificate["step_used"] == certificate["step_max"] != config.lr
     assert [g["lr"] for g in run.wrapper.active_optimizer.param_groups] == \
@@ -167,7 +167,7 @@ def test_exploit_lr_auto_takes_the_certificates_step_and_earns_the_bound(method)
     assert "step_at_most_1_over_L" not in certificate["bound_withheld_because"]
     fixed = build_run(tiny(method=method, exploit_lr=0.125, data="two-moons"))
     fixed.certificate = None
-    loop.set_exploit_step(fixed)
+    switch.set_exploit_step(fixed)
     assert fixed.wrapper.active_optimizer.param_groups[0]["lr"] == 0.125
 
 
@@ -187,9 +187,9 @@ def test_auto_precision_tries_float32_on_the_cpu_only():
     from global_convergence.training.distributed import DistContext
     features = torch.zeros(3, 2)
     on = {kind: SimpleNamespace(ctx=DistContext(0, 1, torch.device(kind))) for kind in ("cpu", "cuda")}
-    assert loop._float32_attempt_pays(on["cpu"], features)
-    assert not loop._float32_attempt_pays(on["cpu"], None)
-    assert not loop._float32_attempt_pays(on["cuda"], features)       # the device is not touched
+    assert switch.float32_attempt_pays(on["cpu"], features)
+    assert not switch.float32_attempt_pays(on["cpu"], None)
+    assert not switch.float32_attempt_pays(on["cuda"], features)       # the device is not touched
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -334,7 +334,7 @@ def test_compile_trains_both_phases_compiled_with_the_eager_losses():
     for _ in range(4):
         loop.train_step(run)
         run.step += 1
-    loop._on_switch(run, None)
+    switch.on_switch(run, None)
     assert run.phase == 2 and run.train_module._orig_mod is run.model.head   # and in phase 2
     compiled = train(tiny(**options, compile=True), None, progress=False)
     assert compiled["switch_step"] == eager["switch_step"] == 4
