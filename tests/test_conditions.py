@@ -431,3 +431,15 @@ def test_certificate_goes_to_float64_when_float32_features_overflow_and_refuses_
     json.dumps(cert)
     with pytest.raises(NumericalError, match=r"not finite in float64 for 60 of 60 inputs"):
         two_phase_certificate(_scaled_trunk(model, 1e160), points, loss, lr_used=None, **GD)
+
+
+def test_certificate_mode_is_validated_and_recorded(points):
+    torch.manual_seed(0)
+    model = two_phase_model(MLP(5, 1), 60)
+    model.freeze_trunk()
+    loss = make_loss("ce", 2)
+    with pytest.raises(UserInputError, match="mode"):
+        two_phase_certificate(model, points, loss, lr_used=None, mode="cheap", **GD)
+    full = two_phase_certificate(model, points, loss, lr_used=None, mode="full",
+                                 precision="float64", **GD)
+    assert full["condition"]["mode"] == "full" and full["condition"]["verdict"] == VERIFIED

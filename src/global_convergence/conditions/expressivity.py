@@ -4,7 +4,7 @@
 
 ``h_X`` the last-hidden-layer outputs on the n training inputs. The paper checks it at one random
 draw with ``numpy.linalg.matrix_rank`` and its default tolerance (§7.1); :func:`expressivity`
-checks it at the model's current state, with features in float64 (SPEC §4) and two methods (SVD
+checks it at the model's current state, with features in float64 (docs/verifiers.md) and two methods (SVD
 and QR with column pivoting) on ``[h_X, 1]`` itself.
 """
 from __future__ import annotations
@@ -18,8 +18,16 @@ from ..linalg import (FACTOR_MEMORY_BUDGET, RANK_BAND, DenseFactor, Verdict, den
 from .features import FEATURE_CHUNK, require_split, trunk_features, with_constant
 
 METHODS = ("auto", "dense", "gram")
+DENSE_UP_TO_FLOPS = 1e9
+"""``method="auto"`` runs the paper's two methods (dense SVD and pivoted QR) up to this cost."""
 DENSE_WORKSPACE = 3
 """A dense SVD plus pivoted QR of an ``n × c`` matrix needs about this many copies of it."""
+
+
+def dense_flops(rows: int, cols: int) -> float:
+    """About the flops of an SVD plus a pivoted QR of a ``rows × cols`` matrix:
+    ``6 · rows · cols · min(rows, cols)``."""
+    return 6.0 * rows * cols * min(rows, cols)
 
 
 def expressivity(model: nn.Module, x: Tensor, *, dtype: torch.dtype = torch.float64,
@@ -32,8 +40,10 @@ def expressivity(model: nn.Module, x: Tensor, *, dtype: torch.dtype = torch.floa
     is its trunk output), evaluated on a ``dtype`` copy in eval mode, ``chunk_size`` samples at a
     time; the caller's model is untouched. ``method="dense"``: SVD and pivoted QR of
     ``[h_X, 1]`` (the paper's test, two methods); ``"gram"``: the Gram certificate with fallback
-    to the factor (:func:`~global_convergence.linalg.factor_rank_verdict`), for large n;
-    ``"auto"``: dense when it fits ``memory_budget`` bytes. ``tol`` defaults to numpy's
+    to the factor (:func:`~global_convergence.linalg.factor_rank_verdict`); ``"auto"``:
+    dense SVD and QR when they cost at most ``dense_up_to_flops`` or ``m_H + 1 < n`` (the rank
+    cannot reach n; they say how far it is), else the Gram certificate (``n²(m_H + 1) + n³/3``
+    flops against ``6 n²(m_H + 1)``) with the factor as fallback. ``tol`` defaults to numpy's
     ``σ_max · max(n, m_H + 1) · ε``. The verdict's shape is ``[n, m_H + 1]``.
     """
     model = require_split(model, "expressivity")
@@ -46,19 +56,25 @@ def expressivity(model: nn.Module, x: Tensor, *, dtype: torch.dtype = torch.floa
 
 def expressivity_of_features(h: Tensor, *, tol: float | None = None, band: float = RANK_BAND,
                              method: str = "auto", memory_budget: int = FACTOR_MEMORY_BUDGET,
-                             feature_error: float | None = None) -> Verdict:
+                             feature_error: float | None = None,
+                             fallback_flops: float | None = None,
+                             dense_up_to_flops: float = DENSE_UP_TO_FLOPS) -> Verdict:
     """The expressivity verdict for given last-hidden-layer features ``h`` (n × m_H).
 
     ``feature_error``: a relative row error ``‖h̃_i − h_i‖ ≤ e‖h_i‖`` of ``h`` (e.g. a float32
     pass); its noise floor ``e·‖h‖_F ≥ ‖[h̃, 1] − [h, 1]‖₂`` then bounds the tolerance below.
+    ``fallback_flops`` caps the cost of SVD and QR (``None``: no cap), as in
+    :func:`~global_convergence.linalg.factor_rank_verdict`.
     """
     if method not in METHODS:
         raise UserInputError(f"expressivity method must be one of {', '.join(METHODS)}, got "
                              f"{method!r}")
     a = with_constant(h)
     if method == "auto":
-        method = "dense" if DENSE_WORKSPACE * a.numel() * a.element_size() <= memory_budget \
-            else "gram"
+        fits = DENSE_WORKSPACE * a.numel() * a.element_size() <= memory_budget
+        cheap = fallback_flops is None or dense_flops(*a.shape) <= fallback_flops
+        small = dense_flops(*a.shape) <= dense_up_to_flops
+        method = "dense" if fits and cheap and (small or a.shape[1] < a.shape[0]) else "gram"
     floor = 0.0 if feature_error is None else feature_error * float(h.norm())
     if method == "dense":
         verdict = dense_rank_verdict(a, condition="expressivity", tol=tol, band=band,
@@ -66,6 +82,6 @@ def expressivity_of_features(h: Tensor, *, tol: float | None = None, band: float
     else:
         verdict = factor_rank_verdict(DenseFactor(a), condition="expressivity", tol=tol,
                                       band=band, factor_memory_budget=memory_budget,
-                                      noise_floor=floor)
+                                      noise_floor=floor, fallback_flops=fallback_flops)
     verdict.details["assumption"] = "[KS21] Assumption 1: rank([h_X, 1_n]) = n"
     return verdict

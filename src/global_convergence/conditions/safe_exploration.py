@@ -121,9 +121,15 @@ def safe_exploration_of_inputs(head: GatedHead, z: Tensor, *, q: Tensor | str | 
                                cross_check: bool = False,
                                factor_memory_budget: int = FACTOR_MEMORY_BUDGET,
                                gram_memory_budget: int | None = None,
-                               feature_error: float | None = None) -> Verdict:
+                               feature_error: float | None = None,
+                               fallback_flops: float | None = None,
+                               stop_unless_verified: bool = False) -> Verdict:
     """Assumption 10 for given head inputs ``Z = [z̄, 1]`` (n × m_{H−1}); ``feature_error`` as
-    in :func:`noise_floor` raises each output's tolerance to that floor."""
+    in :func:`noise_floor` raises each output's tolerance to that floor; ``fallback_flops`` caps
+    each output's factor route (:func:`~global_convergence.linalg.factor_rank_verdict`).
+    ``stop_unless_verified=True`` stops at the first output that is not *verified* (an attempt
+    whose only useful answer is *verified* for all outputs); ``details["outputs_checked"]``
+    counts the outputs decided."""
     start = time.perf_counter()
     gates, source = gate_matrices(head, q, seed, z.dtype, z.device)
     results = []
@@ -135,9 +141,12 @@ def safe_exploration_of_inputs(head: GatedHead, z: Tensor, *, q: Tensor | str | 
                                       tol=tol, band=band, cross_check=cross_check,
                                       factor_memory_budget=factor_memory_budget,
                                       gram_memory_budget=gram_memory_budget, seed=seed,
-                                      noise_floor=floor)
+                                      noise_floor=floor, fallback_flops=fallback_flops)
         results.append((label, verdict))
+        if stop_unless_verified and not verdict.verified:
+            break
     combined = combine_outputs(results)
+    combined.details["outputs_checked"] = f"{len(results)} of {len(gates)}"
     combined.details["q"] = source
     combined.details["assumption"] = "[K22] Assumption 10: rank ϕ(q, θ(1:H-2)) = n"
     combined.seconds["rank"] = time.perf_counter() - start

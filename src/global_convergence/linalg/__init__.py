@@ -14,7 +14,8 @@ from .cholesky import CHOLESKY_BLOCK, CholeskyFactor, shifted_cholesky
 from .dense import (cut, decide, dense_rank_verdict, pivoted_qr_diagonal, require_finite,
                     singular_values, svd_rank, qr_rank)
 from .factors import DenseFactor, KhatriRaoFactor, RowFactor
-from .rank import (DENSE_GRAM_BYTES, FACTOR_MEMORY_BUDGET, factor_rank_verdict, gram_rank_verdict,
+from .rank import (DENSE_GRAM_BYTES, FACTOR_MEMORY_BUDGET, factor_rank_verdict, factor_route_flops,
+                   gram_rank_verdict,
                    largest_gram_eigenvalue)
 from .spectrum import GramSpectrum, projection_residual, relative_residual
 from .tolerance import (CHOLESKY_SAFETY, RANK_BAND, machine_epsilon, numpy_tolerance,
@@ -25,7 +26,8 @@ from .verdict import INCONCLUSIVE, NOT_VERIFIED, VERDICTS, VERIFIED, Verdict, js
 __all__ = ["CHOLESKY_BLOCK", "CHOLESKY_SAFETY", "DENSE_GRAM_BYTES", "FACTOR_MEMORY_BUDGET",
            "INCONCLUSIVE", "NOT_VERIFIED", "RANK_BAND", "VERDICTS", "VERIFIED", "CholeskyFactor",
            "DenseFactor", "GramSpectrum", "KhatriRaoFactor", "RowFactor", "Verdict", "cut",
-           "decide", "dense_rank_verdict", "factor_rank_verdict", "gram_rank_verdict", "jsonable",
+           "decide", "dense_rank_verdict", "factor_rank_verdict", "factor_route_flops",
+           "gram_rank_verdict", "jsonable",
            "largest_gram_eigenvalue", "machine_epsilon", "numpy_tolerance", "pivoted_qr_diagonal",
            "precision_name", "projection_residual", "qr_rank", "relative_residual", "require_finite",
            "shifted_cholesky", "singular_values", "svd_rank", "triangular_factor"]

@@ -57,6 +57,13 @@ SMALL_GRAM = 64
 """Below this many rows ``λ_max`` comes from a dense ``eigvalsh`` instead of Lanczos."""
 
 
+def factor_route_flops(rows: int, cols: int) -> float:
+    """Flops of the factor route: Householder QR of ``Aᵀ`` (``2·cols·rows² − 2 rows³/3``, TSQR
+    costs the same), then SVD and pivoted QR of the ``rows × rows`` ``R`` (about ``6 rows³``)."""
+    n, c = float(rows), float(cols)
+    return 2.0 * c * n * n - 2.0 * n ** 3 / 3.0 + 6.0 * n ** 3
+
+
 def available_bytes(device: torch.device) -> int:
     """Free memory on ``device``: CUDA's free memory, or the CPU's ``MemAvailable``."""
     if device.type == "cuda":
@@ -160,12 +167,30 @@ def _factor_values(factor: RowFactor, budget: int) -> tuple[np.ndarray, np.ndarr
     return singular_values(r), pivoted_qr_diagonal(r)
 
 
+def _bounded_factor_values(factor: RowFactor, memory: int, flops: float | None,
+                           details: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_factor_values` within ``memory`` bytes and ``flops`` (None: no cap); a note in
+    ``details`` says why it was skipped."""
+    cost = factor_route_flops(factor.rows, factor.cols)
+    if flops is not None and cost > flops:
+        details["factor_route_skipped"] = {"flops": cost, "flops_budget": flops}
+        details["notes"].append(f"the factor route (SVD and pivoted QR of the factor, {cost:.3g} "
+                                f"flops) is over the budget of {flops:.3g} flops; skipped")
+        return None
+    values = _factor_values(factor, memory)
+    if values is None:
+        details["notes"].append("the factor route (SVD and pivoted QR of the factor) needs "
+                                "more than factor_memory_budget; skipped")
+    return values
+
+
 def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, condition: str = "rank",
                         tol: float | None = None, band: float = RANK_BAND,
                         cross_check: bool = False,
                         factor_memory_budget: int = FACTOR_MEMORY_BUDGET,
                         gram_memory_budget: int | None = None, block: int | None = None,
-                        seed: int = 0, noise_floor: float = 0.0) -> Verdict:
+                        seed: int = 0, noise_floor: float = 0.0,
+                        fallback_flops: float | None = None) -> Verdict:
     """Decide ``rank(A) = target`` (default: all rows) for ``A`` given as a row factor.
 
     ``tol`` defaults to ``σ_max · max(rows, cols) · ε`` (numpy's convention; ``σ_max`` by Lanczos
@@ -175,7 +200,9 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     bytes. ``gram_memory_budget`` caps the blocked factorisation (default: 90 % of free memory);
     ``block`` forces the blocked layout with that panel width. ``noise_floor`` (a bound on
     ``‖A − A_exact‖₂``) raises the tolerance to at least itself (Weyl's inequality), so that
-    rounding in how ``A`` was computed cannot fake or hide a singular value.
+    rounding in how ``A`` was computed cannot fake or hide a singular value. ``fallback_flops``
+    caps the factor route's cost (:func:`factor_route_flops`; ``None``: no cap, ``0``: never):
+    over it the route is skipped and the note says what it would have cost.
     """
     start = time.perf_counter()
     n, cols, dtype = factor.rows, factor.cols, factor.dtype
@@ -198,11 +225,8 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
             methods["cholesky"] = n
     values = None
     if cross_check or cert is None or not cert["certified"]:
-        values = _factor_values(factor, factor_memory_budget)
-        if values is None:
-            details["notes"].append("the factor route (SVD and pivoted QR of the factor) needs "
-                                    "more than factor_memory_budget; skipped")
-        else:
+        values = _bounded_factor_values(factor, factor_memory_budget, fallback_flops, details)
+        if values is not None:
             route.append("factor-svd-qr")
             methods["svd"] = cut(values[0], tol).rank
             methods["qr"] = cut(values[1], tol).rank
