@@ -186,13 +186,15 @@ BAD_OPTIONS = [
      "model 'lenet' needs image inputs (C, H, W), got input shape (1,)"),
     # a non-analytic model asked for a guarantee, refused unless --allow-non-analytic
     (["--method", "two-phase", "--steps", "4", "--activation", "relu"],
-     "--method two-phase needs a real-analytic model for its guarantee, but these modules are not: "
-     "trunk.2, trunk.4, trunk.6; use --activation softplus, or pass --allow-non-analytic to run "
-     "with a certificate saying the guarantee does not apply"),
+     "TwoPhase: the guarantee needs a real-analytic model, but these modules are not: trunk.2, "
+     "trunk.4, trunk.6; convert them with make_analytic(model) (softplus with beta=100 instead of "
+     "ReLU, average instead of max pooling), or pass allow_non_analytic=True to train without the "
+     "guarantee (the certificate then withholds the bound)"),
     (["--method", "ee", "--steps", "4", "--activation", "relu"],
-     "--method ee needs a real-analytic model for its guarantee, but these modules are not: "
-     "trunk.2, trunk.4; use --activation softplus, or pass --allow-non-analytic to run with a "
-     "certificate saying the guarantee does not apply"),
+     "EEWrapper: the guarantee needs a real-analytic model, but these modules are not: trunk.2, "
+     "trunk.4; convert them with make_analytic(model) (softplus with beta=100 instead of "
+     "ReLU, average instead of max pooling), or pass allow_non_analytic=True to train without the "
+     "guarantee (the certificate then withholds the bound)"),
     # argparse's own usage errors, in the same one-line form
     (["--method", "base", "--steps", "4", "--epochs", "2"],
      "argument --epochs: not allowed with argument --steps"),
@@ -348,3 +350,87 @@ def test_numerical_error_is_one_line_exit_3_naming_step_and_phase(tmp_path):
     assert stderr == (f"gconv: numerical error: training loss became inf at step {step} (phase 2); "
                       f"the last good checkpoint (step {step - 1}) is kept in "
                       f"{out / CHECKPOINT_NAME}. Lower --lr or check the data.\n")
+
+
+# -- launchers ------------------------------------------------------------------------------------
+REQUIRED = {"--data": "two-moons", "--model": "mlp", "--method": "ee", "--steps": "5"}
+
+
+def typed_forms(action) -> list[list[str]]:
+    """How a user types ``action`` on a command line: ``--flag``, or ``--opt V`` and ``--opt=V``
+    with a value it accepts (the first of its listed choices)."""
+    flag = action.option_strings[-1]
+    if action.nargs == 0:
+        return [[flag]]
+    metavar = action.metavar or ""
+    value = metavar[1:].split(",")[0] if metavar.startswith("{") else REQUIRED.get(flag, "1")
+    return [[flag, value], [f"{flag}={value}"]]
+
+
+def train_command_lines() -> list[list[str]]:
+    """One complete ``train`` command line per typed form of every option of ``gconv train``."""
+    from global_convergence.cli import build_parser
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    lines = []
+    for action in train_parser._actions:
+        if not action.option_strings or action.option_strings == ["-h", "--help"]:
+            continue
+        for form in typed_forms(action):
+            base = {k: v for k, v in REQUIRED.items()
+                    if k != form[0].split("=")[0] and not (k == "--steps" and "--epochs" in form[0])}
+            lines.append(["train", *[t for kv in base.items() for t in kv], *form])
+    return lines
+
+
+def test_every_train_option_reaches_the_workers_unchanged_through_both_launchers():
+    """Each option of ``gconv train``, typed as a user types it, goes through torchrun's own
+    parser (after ``train --``, its documented form) and through ``--nproc-per-node``'s launcher,
+    and the workers' ``gconv`` parses exactly what one process parses."""
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    from global_convergence.cli import build_parser, command_line
+    from global_convergence.training.launch import launcher_args
+    parser, torchrun = build_parser(), get_args_parser()
+    lines = train_command_lines()
+    covered = {line[-1].split("=")[0] if line[-1].startswith("--") else line[-2] for line in lines}
+    assert {"--n", "--nproc-per-node", "--certificate", "--resume", "--exploit-lr"} <= covered
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    assert covered == {a.option_strings[-1] for a in train_parser._actions
+                       if a.option_strings and a.option_strings[-1] != "--help"}
+    refused = set()
+    for line in lines:
+        expected = vars(parser.parse_args(line))
+        prefix = ["--standalone", "--nproc-per-node=2", "-m", "global_convergence"]
+        separated = torchrun.parse_args([*prefix, "train", "--", *line[1:]])
+        assert separated.module and separated.training_script == "global_convergence"
+        assert command_line(separated.training_script_args) == line
+        assert vars(parser.parse_args(command_line(separated.training_script_args))) == expected
+        _, _, worker_args = config_from_args(launcher_args(2, line))
+        assert worker_args[-len(line):] == line and worker_args[:3] == ["-u", "-m", "global_convergence"]
+        try:                                       # without "--": torchrun reads them itself
+            plain = torchrun.parse_args([*prefix, *line])
+            assert plain.training_script_args == line
+        except SystemExit:
+            refused.add(line[-1].split("=")[0] if "=" in line[-1] else line[-2])
+    assert refused == {"--n"}     # torchrun: "ambiguous option: --n could match --nnodes, ..."
+
+
+def test_the_launcher_refuses_bad_options_once_before_starting_workers(tmp_path):
+    code, _, stderr = gconv(*BASE, "--method", "ee", "--steps", "4", "--lr", "-1",
+                            "--nproc-per-node", "2", "--out", str(tmp_path / "x"))
+    assert (code, stderr) == (2, "gconv: error: --lr must be a positive number, got -1.0\n")
+    code, _, stderr = gconv(*BASE, "--method", "ee", "--steps", "4", "--nproc-per-node", "0",
+                            "--out", str(tmp_path / "x"))
+    assert (code, stderr) == (2, "gconv: error: --nproc-per-node must be a positive integer, got 0\n")
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_lists_the_choices_and_defaults_of_train(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--method {base,two-phase,ee}", "--certificate {auto,full,off}",
+                  "--feature-cache {auto,memory,disk,off}", "--model {mlp,lenet,resnet18,preact-resnet18}",
+                  "learning rate (default: 0.1)", "(default: 1e-05)", "(default: sgd)"):
+        assert shown in text, shown
+    assert "SPEC" not in text

@@ -144,7 +144,15 @@ def runs(tmp_path_factory):
     in-process meanwhile."""
     root = tmp_path_factory.mktemp("ddp")
     log = root / "ee-two-ranks.log"
-    launches = [(torchrun(["-m", "global_convergence", *cli_args("ee", root / "ee-2")], log), log)]
+    ee = cli_args("ee", root / "ee-2", "--n", "100")       # torchrun needs "--" before "--n"
+    launches = [(torchrun(["-m", "global_convergence", "train", "--", *ee[1:]], log), log)]
+    log = root / "launcher.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    own = [sys.executable, "-m", "global_convergence",
+           *cli_args("ee", root / "ee-launcher", "--n", "100", "--nproc-per-node", "2")]
+    launches.append((subprocess.Popen(own, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env),
+                     log))
     driver = root / "driver.py"
     driver.write_text(DRIVER)
     spec = {"root": str(root), "cli": cli_args("two-phase", root / "two-phase-2", "--feature-cache", "disk"),
@@ -191,6 +199,16 @@ def test_two_ranks_train_what_one_process_trains(runs, method):
     statement = lambda s: (s["certificate"]["condition"]["verdict"], s["certificate"]["condition"]["rank"],
                            s["certificate"]["assumptions"], s["certificate"]["bound"])
     assert statement(two) == statement(one)
+
+
+def test_gconv_train_nproc_per_node_launches_the_same_two_rank_run(runs):
+    """``gconv train --nproc-per-node 2`` (workers started through torch.distributed.run, with
+    ``--n``, which torchrun's own parser refuses) trains what ``torchrun ... train -- ...`` does."""
+    own, two, one = (summary(runs / name) for name in ("ee-launcher", "ee-2", "ee-1"))
+    assert own["world_size"] == two["world_size"] == 2 and own["config"]["n"] == 100
+    assert own["train_loss"] == two["train_loss"]           # the same two-rank computation
+    assert_close(own["train_loss"], one["train_loss"], "launcher vs 1 process")
+    assert losses(runs / "ee-launcher") == losses(runs / "ee-2")
 
 
 @pytest.mark.parametrize("method", ["two-phase", "ee"])

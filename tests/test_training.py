@@ -165,10 +165,15 @@ def test_exploit_lr_auto_takes_the_certificates_step_and_earns_the_bound(method)
     assert [g["lr"] for g in run.wrapper.active_optimizer.param_groups] == \
         [certificate["step_max"]]
     assert "step_at_most_1_over_L" not in certificate["bound_withheld_because"]
-    fixed = build_run(tiny(method=method, exploit_lr=0.125, data="two-moons"))
-    fixed.certificate = None
-    switch.set_exploit_step(fixed)
-    assert fixed.wrapper.active_optimizer.param_groups[0]["lr"] == 0.125
+    fixed = build_run(tiny(method=method, exploit_lr=0.125, data="two-moons", certificate="off"))
+    loop.attach_train_module(fixed)
+    for _ in range(config.tau):
+        assert fixed.wrapper.active_optimizer.param_groups[0]["lr"] == fixed.config.lr
+        loop.train_step(fixed)
+        fixed.step += 1
+    switch.on_switch(fixed, None)
+    assert fixed.certificate is None and fixed.wrapper.certificate is None
+    assert [g["lr"] for g in fixed.wrapper.active_optimizer.param_groups] == [0.125]
 
 
 def test_the_certificate_tries_float32_only_on_cached_features():
@@ -355,3 +360,23 @@ def test_numpy_values_a_callback_logs_are_checkpointed_as_plain_numbers(tmp_path
     assert [r["tensor_value"] for r in rows] == [r["step"] for r in rows]
     assert train(config, tmp_path, progress=False, resume=True,
                  callbacks=[add_columns])["completed"] is True
+
+
+def test_certificate_off_skips_it_and_a_resumed_run_may_not_change_it(tmp_path):
+    """``certificate="off"``: no certificate at the switch (``null`` in summary.json), the same
+    training otherwise; the mode is part of the run's configuration."""
+    options = dict(method="two-phase", data="two-moons", track_alignment_every=None)
+    made = train(tiny(**options), None, progress=False)
+    off = train(tiny(**options, certificate="off"), tmp_path, progress=False, stop_after=8)
+    assert made["config"]["certificate"] == "auto" and made["certificate"]["condition"]["verdict"]
+    assert off["config"]["certificate"] == "off" and off["certificate"] is None
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["certificate"] is None and state["wrapper"]["certificate"] is None
+    with pytest.raises(UserInputError, match=r"differ from the checkpoint's \(certificate: 'off' -> 'auto'\)"):
+        train(tiny(**options), tmp_path, progress=False, resume=True)
+    resumed = train(tiny(**options, certificate="off"), tmp_path, progress=False, resume=True)
+    assert resumed["certificate"] is None and resumed["train_loss"] == made["train_loss"]
+    with pytest.raises(UserInputError, match="--certificate off makes none"):
+        tiny(**options, certificate="off", exploit_lr="auto").validate()
+    with pytest.raises(UserInputError, match="unknown --certificate 'some'"):
+        tiny(certificate="some").validate()

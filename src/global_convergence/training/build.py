@@ -17,7 +17,7 @@ from torch import nn
 from ..data import Dataset, load_dataset
 from ..errors import UserInputError
 from ..losses import Loss, make_loss
-from ..models import SplitNet, build_model, ee_model, non_analytic_modules, two_phase_model
+from ..models import SplitNet, build_model, ee_model, two_phase_model
 from ..models.surgery import replace_module
 from ..wrappers import EEWrapper, PhaseWrapper, TwoPhase
 from . import evaluation
@@ -115,7 +115,6 @@ def build_run(config: TrainConfig, ctx: DistContext | None = None, *,
     if config.activation == "relu":
         _softplus_to_relu(base)
     model = _modify_model(base, config, dataset.n)
-    _check_analytic(model, config)
     if ctx.distributed:
         globalise_batchnorm(model)     # batch statistics of the global batch, as one process has
     model.to(ctx.device)
@@ -163,19 +162,6 @@ def _softplus_to_relu(model: nn.Module) -> None:
             replace_module(model, name, nn.ReLU())
 
 
-def _check_analytic(model: nn.Module, config: TrainConfig) -> None:
-    """Refuse a guarantee for a non-analytic model unless the user allowed it: both theorems
-    assume real-analytic activations ([KS21] §5.2, [K22] Assumption 12)."""
-    offending = non_analytic_modules(model)
-    if config.method == "base" or config.allow_non_analytic or not offending:
-        return
-    names = ", ".join(offending[:4]) + (f" and {len(offending) - 4} more" if len(offending) > 4 else "")
-    raise UserInputError(f"--method {config.method} needs a real-analytic model for its guarantee, but "
-                         f"these modules are not: {names}; use --activation softplus, or pass "
-                         "--allow-non-analytic to run with a certificate saying the guarantee does "
-                         "not apply")
-
-
 def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -187,7 +173,7 @@ def _make_wrapper(config: TrainConfig, model: nn.Module, optimizer: torch.optim.
                   schedule: Schedule, x: torch.Tensor, chunk: int) -> PhaseWrapper | None:
     bn_data = list(torch.split(x, chunk))
     common = dict(seed=config.seed, bn_data=bn_data, total_steps=schedule.total,
-                  allow_non_analytic=config.allow_non_analytic)
+                  allow_non_analytic=config.allow_non_analytic, exploit_lr=config.exploit_lr)
     if config.method == "two-phase":
         return TwoPhase(model, optimizer, schedule.tau, config.delta0, **common)
     if config.method == "ee":

@@ -92,6 +92,8 @@ def restore(run: "Run", state: dict[str, Any]) -> None:
     else:
         run.optimizer.load_state_dict(state["optimizer"])
     run.state = RunState.from_dict(state)
+    if run.wrapper is not None and run.wrapper.certificate is None:
+        run.wrapper.certificate = run.state.certificate    # wrapper states from before certify
     run.checkpoint_step = run.state.step
     restore_rng(state["rng"])
 

@@ -1,15 +1,14 @@
 """What happens at the switch and during tracking: the certificate and the alignment checks.
 
 At the switch the run sets up phase 2 (:func:`.phase2.enter_phase2`), then certifies the state it
-actually reached: the condition of the guarantee checked on the trained trunk, with the
-constants and the bound of [KS21] §5.3 (two-phase) or [K22] §3.3 (EE), on the cached
-float32 trunk features where there are some (``certificate_precision``). ``--exploit-lr`` then
-sets the step of the second phase. Alignment tracking counts [K22]'s ``Q_T``: the checks at
-which data-architecture alignment (§2.1.2) fails.
+actually reached through the wrapper's own ``certify``: the condition of the guarantee checked on
+the trained trunk, with the constants and the bound of [KS21] §5.3 (two-phase) or [K22] §3.3
+(EE), on the cached float32 trunk features where there are some (``certificate_precision``);
+with ``--exploit-lr auto`` that sets the second phase's step to ``1/L``. Alignment tracking
+counts [K22]'s ``Q_T`` (§2.2): the checks at which data-architecture alignment (§2.1.2) fails.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import NumericalError
-from ..models import TwoPhaseModel, non_analytic_modules
-from ..wrappers.ee import LBFGS_OPTIONS
-from .config import TrainConfig
+from ..wrappers import PhaseWrapper
+from ..wrappers.policy import AUTO, set_learning_rate
 from .distributed import on_rank_zero
 from .feature_cache import cached_train_features
 from .phase2 import enter_phase2
@@ -30,41 +28,41 @@ if TYPE_CHECKING:
 
 
 def on_switch(run: "Run", out: Path | None) -> None:
-    """Phase-2 set-up (feature cache), then the certificate on those features and the
-    exploitation step; the loop writes the switch's checkpoint after its log row."""
+    """Phase-2 set-up (feature cache), then the certificate on those features (which, with
+    ``--exploit-lr auto``, also sets the second phase's step to its ``1/L``); the loop writes the
+    switch's checkpoint after its log row."""
     check_parameters(run, 1, out)
     enter_phase2(run)
     started = time.perf_counter()
-    if run.config.certificate != "off":
+    if run.config.certificate != "off" and run.wrapper is not None:
         certificate, failure = on_rank_zero(run.ctx, lambda: make_certificate(run))
         if failure is not None:
             raise NumericalError(f"certificate at the switch, step {run.state.step} (phase 1): "
                                  f"{failure}; {last_good(run, out)}. Lower --lr or check the data.")
+        if not run.ctx.is_main:
+            adopt_certificate(run.wrapper, certificate)
         run.state.certificate = certificate
-    set_exploit_step(run)
     run.state.seconds["switch"] += time.perf_counter() - started
 
 
 def make_certificate(run: "Run") -> dict[str, Any]:
-    """The condition checked on the actual state at the switch, with constants and bound, from
-    the phase-2 feature cache where there is one (``certificate_precision``); see
-    docs/verifiers.md."""
-    from .. import conditions
-
-    c = run.config
+    """``wrapper.certify`` on the actual state at the switch: the condition with constants and
+    bound (docs/verifiers.md), the optimizer facts read from the wrapper's own optimizer, on the
+    phase-2 feature cache where there is one (``certificate_precision``), decided as far as
+    ``certificate`` (``auto`` | ``full``) allows."""
     cached = cached_train_features(run)
-    precision = c.certificate_precision if float32_attempt_pays(run, cached) else "float64"
-    facts = dict(full_batch=run.schedule.batch >= run.schedule.n,
-                 momentum=c.momentum if c.optimizer == "sgd" else 0.0,
-                 weight_decay=c.weight_decay,
-                 optimizer_name=c.optimizer if c.method != "ee" or c.exploit_optimizer == "same"
-                 else c.exploit_optimizer,
-                 lr_used=exploit_step(c),
-                 analytic=not non_analytic_modules(run.model),
-                 features=cached, precision=precision)
-    if isinstance(run.model, TwoPhaseModel):
-        return conditions.two_phase_certificate(run.model, run.x, run.loss, **facts)
-    return conditions.ee_certificate(run.model, run.x, run.loss, **facts)
+    precision = run.config.certificate_precision if float32_attempt_pays(run, cached) else "float64"
+    return run.wrapper.certify(run.x, run.loss, full_batch=run.schedule.batch >= run.schedule.n,
+                               features=cached, precision=precision, mode=run.config.certificate)
+
+
+def adopt_certificate(wrapper: PhaseWrapper, certificate: dict[str, Any]) -> None:
+    """Under DDP rank 0 certifies; every other rank's wrapper takes the result, and with
+    ``exploit_lr="auto"`` its step ``1/L``, as ``certify`` does on rank 0."""
+    wrapper.certificate = certificate
+    if wrapper.exploit_lr == AUTO:
+        set_learning_rate(wrapper.active_optimizer, float(certificate["step_used"]),
+                          "exploit_lr='auto'")
 
 
 def float32_attempt_pays(run: "Run", cached: torch.Tensor | None) -> bool:
@@ -73,30 +71,6 @@ def float32_attempt_pays(run: "Run", cached: torch.Tensor | None) -> bool:
     wasted whenever float32 cannot decide (ResNet features). Not on CUDA: there the float64
     trunk pass is cheap and the attempt's own rank check is what costs (docs/performance.md)."""
     return cached is not None and run.ctx.device.type != "cuda"
-
-
-def exploit_step(config: TrainConfig) -> float | None:
-    """The step of the second phase as the certificate states it: None for ``1/L`` itself,
-    L-BFGS's initial step (its line search scales it), or the learning rate used."""
-    if config.exploit_lr == "auto":
-        return None
-    if config.method == "ee" and config.exploit_optimizer == "lbfgs":
-        return LBFGS_OPTIONS["lr"]
-    return config.exploit_lr or config.lr
-
-
-def set_exploit_step(run: "Run") -> None:
-    """``exploit_lr``: the step of the second phase's optimizer — the certificate's ``step_used``
-    (``1/L`` for ``auto``) or the number given."""
-    if run.config.exploit_lr is None or run.wrapper is None:
-        return
-    certificate = run.state.certificate
-    step = float(certificate["step_used"]) if certificate else float(run.config.exploit_lr)
-    if not math.isfinite(step):
-        raise NumericalError("--exploit-lr auto: the certificate's smoothness constant is 0 (the "
-                             "output weights are all zero), so 1/L is infinite; give a number")
-    for group in run.wrapper.active_optimizer.param_groups:
-        group["lr"] = step
 
 
 def track_alignment(run: "Run", row: dict[str, Any]) -> None:
