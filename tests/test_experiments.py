@@ -16,8 +16,9 @@ import torch
 from global_convergence.cli import main
 from global_convergence.errors import UserInputError
 from global_convergence.experiments import EXPERIMENTS, reproduce
-from global_convergence.experiments import common
-from global_convergence.experiments.common import Context, beside_paper, completed_summary
+from global_convergence.experiments import standins
+from global_convergence.experiments.report import beside_paper
+from global_convergence.experiments.subruns import Context, completed_summary
 from global_convergence.training import TrainConfig
 
 SPEC_IDS = {"neco-fig1a", "neco-fig1bc", "neco-table1", "neco-fig2", "neco-table2",
@@ -117,7 +118,7 @@ def test_missing_torchvision_data_is_one_line_naming_the_data_root(tmp_path, cap
 # -- helpers --------------------------------------------------------------------------------------
 def test_binary_labels_file_has_the_documented_labels(tmp_path):
     ctx = Context("neco-fig1bc", "smoke", tmp_path, progress=False)
-    with np.load(common.binary_labels_file(ctx, "digits")) as f:
+    with np.load(standins.binary_labels_file(ctx, "digits")) as f:
         from global_convergence.data import load_dataset
         digits = load_dataset("digits")
         assert np.array_equal(f["y"], (digits.y_train.numpy() >= 5).astype(np.int64))

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..models import ee_head_width
-from .common import (Context, Report, as_dict, cached_result, data_arg, data_note, md_table,
-                     paper_row, require_datasets, write_results)
+from .report import Report, as_dict, md_table, write_results
+from .standins import data_arg, data_note, paper_row, require_datasets
+from .subruns import Context, cached_result
 from .verify import verify
 
 TITLE = "[K22] Table 2: verification of the safe-exploration condition (Assumption 10)"
