@@ -1,4 +1,4 @@
-"""``gconv`` (SPEC §7): the outputs of ``gconv train``, ``python -m global_convergence``, and the
+"""``gconv``: the outputs of ``gconv train``, ``python -m global_convergence``, and the
 exact one-line message of every bad input (exit 2, nothing written)."""
 from __future__ import annotations
 

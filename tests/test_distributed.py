@@ -1,4 +1,4 @@
-"""Two processes under ``torchrun`` (gloo, CPU) train what one process trains (SPEC §7, DDP).
+"""Two processes under ``torchrun`` (gloo, CPU) train what one process trains (DDP).
 
 ``--batch-size`` is the global batch: both ranks draw the same global batch and take every second
 index of it, so 1 and 2 processes see the same batches, perturbations and gates. Two 2-rank launches

@@ -21,7 +21,7 @@ from global_convergence.experiments.report import beside_paper
 from global_convergence.experiments.subruns import Context, completed_summary
 from global_convergence.training import TrainConfig
 
-SPEC_IDS = {"neco-fig1a", "neco-fig1bc", "neco-table1", "neco-fig2", "neco-table2",
+EXPERIMENT_IDS = {"neco-fig1a", "neco-fig1bc", "neco-table1", "neco-fig2", "neco-table2",
             "neco-table3-5", "aaai-table1", "aaai-table2"}
 OUT_DIRS = {"neco-fig1a": "neco-table1/fig1a", "neco-fig1bc": "neco-table1/fig1bc"}
 
@@ -61,7 +61,7 @@ def report(out: Path) -> str:
 
 # -- registry, presets, errors ----------------------------------------------------------------
 def test_registry_has_every_spec_experiment_with_three_presets():
-    assert set(EXPERIMENTS) == SPEC_IDS
+    assert set(EXPERIMENTS) == EXPERIMENT_IDS
     for name, module in EXPERIMENTS.items():
         assert set(module.PRESETS) == {"smoke", "cpu", "paper"}, name
         for preset in module.PRESETS.values():
@@ -95,7 +95,7 @@ def test_paper_presets_carry_the_papers_settings():
 def test_unknown_experiment_lists_the_valid_names(tmp_path):
     with pytest.raises(UserInputError) as err:
         reproduce("neco-fig9", preset="smoke", out=tmp_path)
-    assert all(name in str(err.value) for name in SPEC_IDS)
+    assert all(name in str(err.value) for name in EXPERIMENT_IDS)
 
 
 def test_unknown_preset_lists_the_valid_presets(tmp_path):

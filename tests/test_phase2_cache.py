@@ -1,5 +1,6 @@
 """The cheap second phase: trunk features cached once at the switch give the losses of the path
-that recomputes the (frozen) trunk in every step (SPEC §3.3, ``cache_features``).
+that recomputes the (frozen) trunk in every step (``cache_features``; only the head trains in
+phase 2, [KS21] §4, [K22] §3.2.1).
 
 Both paths run the same frozen function — trunk in eval mode with the batch-norm statistics fixed
 at the switch, under ``no_grad`` — so they may differ only by the rounding of a batch of 1024
