@@ -45,7 +45,7 @@ def gconv(*argv: str) -> tuple[int, str, str]:
 
 
 # -- a whole run through the real entry points -----------------------------------------------------
-def test_python_dash_m_train_writes_every_output_of_spec_section_7(tmp_path):
+def test_python_dash_m_train_writes_every_output_of_a_run(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--data", "sine", "--n", "30", "--model", "mlp", "--method", "ee", "--tau", "4",
             "--eps", "0.01", "--steps", "8", "--batch-size", "0", "--optimizer", "sgd", "--lr",

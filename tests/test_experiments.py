@@ -60,7 +60,7 @@ def report(out: Path) -> str:
 
 
 # -- registry, presets, errors ----------------------------------------------------------------
-def test_registry_has_every_spec_experiment_with_three_presets():
+def test_registry_has_every_paper_experiment_with_three_presets():
     assert set(EXPERIMENTS) == EXPERIMENT_IDS
     for name, module in EXPERIMENTS.items():
         assert set(module.PRESETS) == {"smoke", "cpu", "paper"}, name

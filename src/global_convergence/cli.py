@@ -169,13 +169,21 @@ def _add_verify(sub) -> None:
 
 
 def _add_reproduce(sub) -> None:
-    p = sub.add_parser("reproduce", help="re-run an experiment of the papers")
-    p.add_argument("experiment")
-    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "paper"))
+    from .experiments import EXPERIMENTS
+
+    p = sub.add_parser("reproduce", help="re-run an experiment of the papers",
+                       formatter_class=_DefaultsFormatter,
+                       description="Re-run a table or figure of [KS21] or [K22] and write its "
+                       "report.md beside the paper's numbers (docs/reproduction.md).")
+    p.add_argument("experiment", metavar="{" + ",".join(EXPERIMENTS) + "}",
+                   help="the experiment (see docs/reproduction.md)")
+    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "paper"),
+                   help="smoke: seconds, for tests; cpu: minutes on a CPU with offline stand-ins; "
+                        "paper: the papers' settings, for a GPU")
     p.add_argument("--out", help="output folder (default runs/reproduce/<experiment>-<preset>)")
-    p.add_argument("--data-root")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--data-root", help="folder of the torchvision datasets")
+    _choice(p, "--device", ("cpu", "cuda"), "training device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_verify(sub)
     _add_reproduce(sub)
-    demo = sub.add_parser("demo", help="the sine-wave story of [K22] on the CPU (make run)")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--quiet", action="store_true")
+    demo = sub.add_parser("demo", help="the sine-wave story of [K22] on the CPU (make run)",
+                          formatter_class=_DefaultsFormatter)
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 

@@ -17,6 +17,7 @@ from ..errors import NumericalError, UserInputError
 from .checkpoint import restore_rng, save_checkpoint
 from .config import TrainConfig
 from .distributed import barrier
+from .phase2 import sync_model
 
 if TYPE_CHECKING:
     from .build import Run
@@ -72,6 +73,8 @@ def checkpoint_state(run: "Run") -> dict[str, Any]:
 def write_checkpoint(run: "Run", out: Path | None, phase: int | None = None) -> None:
     """Save the run's state, after checking that every parameter is finite: a checkpoint is
     always a good one (``phase``: that of the step just taken, for the error message)."""
+    if run.phase == 2:
+        sync_model(run)
     check_parameters(run, run.phase if phase is None else phase, out)
     if out is not None and run.ctx.is_main:
         save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(run))
