@@ -55,6 +55,9 @@ PARTIAL = {"two-phase": {}, "ee": {"cache_features": False}}
 """The stopped EE run recomputes the frozen trunk under DDP (phase 2 without the feature cache);
 it is resumed that way and compared with the cached 1-process run."""
 LAUNCH_TIMEOUT = 900
+AUTO = {**COMMON, "method": "ee", "batch_size": 0, "epochs": None, "steps": 8, "tau": 4,
+        "momentum": 0.0, "weight_decay": 0.0, "exploit_lr": "auto"}
+"""EE at the certificate's step 1/L: rank 0 certifies, every rank must take its step."""
 
 BN_CHECK = '''
 import torch
@@ -156,8 +159,8 @@ def runs(tmp_path_factory):
     driver = root / "driver.py"
     driver.write_text(DRIVER)
     spec = {"root": str(root), "cli": cli_args("two-phase", root / "two-phase-2", "--feature-cache", "disk"),
-            "runs": {f"{m}-partial": ({**COMMON, **PARTIAL[m], "method": m}, stop)
-                     for m, stop in STOPS.items()}}
+            "runs": {**{f"{m}-partial": ({**COMMON, **PARTIAL[m], "method": m}, stop)
+                        for m, stop in STOPS.items()}, "ee-auto-2": (AUTO, None)}}
     log = root / "driver.log"
     launches.append((torchrun([str(driver), json.dumps(spec)], log), log))
 
@@ -168,6 +171,7 @@ def runs(tmp_path_factory):
     try:
         for method in ("two-phase", "ee"):
             assert gconv(cli_args(method, root / f"{method}-1")) == 0
+        train(TrainConfig(**AUTO), root / "ee-auto-1", progress=False)
         namespace: dict = {}
         exec(BN_CHECK, namespace)
         torch.save(namespace["bn_gradients"](), root / "bn-one-process.pt")
@@ -209,6 +213,18 @@ def test_gconv_train_nproc_per_node_launches_the_same_two_rank_run(runs):
     assert own["train_loss"] == two["train_loss"]           # the same two-rank computation
     assert_close(own["train_loss"], one["train_loss"], "launcher vs 1 process")
     assert losses(runs / "ee-launcher") == losses(runs / "ee-2")
+
+
+def test_every_rank_takes_the_step_rank_zero_certified(runs):
+    """``exploit_lr="auto"`` under DDP: the certificate is made on rank 0 and the other ranks'
+    wrappers adopt it and its 1/L (without it they would refuse the phase-2 step)."""
+    one, two = summary(runs / "ee-auto-1"), summary(runs / "ee-auto-2")
+    assert two["world_size"] == 2 and two["completed"] and two["certificate"] is not None
+    assert two["certificate"]["step_used"] == two["certificate"]["step_max"]
+    assert math.isclose(two["certificate"]["step_used"], one["certificate"]["step_used"], rel_tol=RTOL)
+    assert_close(two["train_loss"], one["train_loss"], "1/L steps on 2 ranks vs 1 process")
+    state = load_checkpoint(runs / "ee-auto-2" / CHECKPOINT_NAME)
+    assert state["wrapper"]["certificate"]["step_used"] == two["certificate"]["step_used"]
 
 
 @pytest.mark.parametrize("method", ["two-phase", "ee"])
