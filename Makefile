@@ -1,5 +1,6 @@
 # Two entry points: `make run` (the built-in demo) and `make test`.
-# Both create .venv and install the package into it on a fresh machine.
+# Both create .venv and install the package into it on a fresh machine (with the extras the
+# integration tests need: Lightning and Hugging Face).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lightning,huggingface]'
 	touch $(STAMP)
 
 run: $(STAMP)

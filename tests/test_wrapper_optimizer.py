@@ -160,6 +160,11 @@ def test_exploit_lr_auto_takes_the_certificates_step_and_refuses_to_step_before_
     assert certificate["bound_withheld_because"] == []       # full-batch GD at 1/L: every assumption
     _train_step(model, wrapper, TAU)
     assert wrapper.step_count == TAU + 1
+    other_model, other = _build(method, exploit_lr="auto")     # another rank, the same state
+    for step in range(TAU):
+        _train_step(other_model, other, step)
+    other.set_certificate(certificate)
+    assert [g["lr"] for g in other.active_optimizer.param_groups] == [certificate["step_max"]]
 
 
 @pytest.mark.parametrize("make, name, failing", [
@@ -294,3 +299,19 @@ def test_the_analytic_check_names_four_modules_and_both_ways_out():
     message = str(err.value)
     assert "trunk.1, trunk.3, trunk.5, trunk.7 and 2 more" in message
     assert "make_analytic" in message and "allow_non_analytic=True" in message
+
+
+def test_a_factory_exploitation_optimizer_gets_the_schedulers_keys_but_keeps_its_own_facts():
+    x, _ = _data()
+    model, wrapper = _build("ee", optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                            exploit_optimizer=lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.5, 0.9)))
+    scheduler = sched.StepLR(wrapper, step_size=100, gamma=0.5)
+    for step in range(TAU):
+        _train_step(model, wrapper, step)
+        scheduler.step()
+    group = wrapper.param_groups[0]
+    assert isinstance(wrapper.active_optimizer, torch.optim.Adam) and group["initial_lr"] == 0.1
+    assert "momentum" not in group and group["lr"] == 0.01
+    certificate = wrapper.certify(x, "mse", full_batch=True)
+    assert certificate["optimizer"] == "adam" and not certificate["assumptions"]["no_momentum"]
+    assert certificate["step_used"] == 0.01

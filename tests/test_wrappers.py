@@ -1,4 +1,4 @@
-"""Both wrappers inside a plain PyTorch loop (SPEC §3, §7)."""
+"""Both wrappers inside a plain PyTorch loop ([KS21] Algorithm 1, [K22] §3.2; docs/design.md)."""
 import copy
 
 import pytest

@@ -115,9 +115,12 @@ class PhaseWrapper(torch.optim.Optimizer):
                  allow_non_analytic: bool = False, exploit_lr: float | str | None = None) -> None:
         self.model = self._check_model(unwrap_model(model))
         self.analytic = check_analytic(self.model, type(self).__name__, allow_non_analytic)
-        if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, PhaseWrapper):
-            raise UserInputError(f"optimizer must be a torch.optim.Optimizer (not a wrapper), got "
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UserInputError(f"optimizer must be a torch.optim.Optimizer, got "
                                  f"{type(optimizer).__name__}")
+        if isinstance(optimizer, PhaseWrapper):
+            raise UserInputError(f"optimizer is already a {type(optimizer).__name__}: wrap the "
+                                 "user's torch.optim optimizer once")
         self._base = optimizer
         self.tau = check_tau(tau, total_steps)
         self.seed = int(seed)
@@ -251,11 +254,19 @@ class PhaseWrapper(torch.optim.Optimizer):
             self.model, x, as_loss(loss, self.model, x), full_batch=bool(full_batch),
             lr_used=None if self.exploit_lr == AUTO else lr, analytic=self.analytic,
             features=features, **facts, **options)
+        self.set_certificate(certificate)
+        return certificate
+
+    def set_certificate(self, certificate: dict[str, Any]) -> None:
+        """Keep ``certificate`` (from :meth:`certify`, possibly of another process: under DDP one
+        rank certifies and broadcasts it) and, with ``exploit_lr="auto"``, take its step."""
+        if self.phase == 1:
+            raise UserInputError(f"{type(self).__name__}.set_certificate before the switch "
+                                 f"(step {self.step_count} of {self.tau})")
         self.certificate = certificate
         if self.exploit_lr == AUTO:
             set_learning_rate(self.active_optimizer, float(certificate["step_used"]),
                               "exploit_lr='auto'")
-        return certificate
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def build_exploit_optimizer(spec: ExploitSpec, base: torch.optim.Optimizer,
                             params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """G̃ over ``params``: a fresh copy of ``base`` (its groups as they stand, restricted to
     ``params``), L-BFGS, or the user's factory (given the scheduler's keys of ``base``'s groups
-    when it shares the wrapper's groups)."""
+    when it shares the wrapper's groups; its own learning rate is kept)."""
     if callable(spec):
         exploit = spec(params)
         if shares_groups(exploit, base):
@@ -92,9 +92,11 @@ def mirrored_groups(base: torch.optim.Optimizer, params: list[nn.Parameter]) -> 
 
 
 def _copy_missing_keys(base: torch.optim.Optimizer, exploit: torch.optim.Optimizer) -> None:
+    """Give G̃'s groups the keys a scheduler keeps in ``base``'s (``initial_lr``, ``max_lr``, ...):
+    those that are not hyper-parameters of ``base``."""
     for source, group in zip(base.param_groups, exploit.param_groups):
         for key, value in source.items():
-            if key not in group:
+            if key not in group and key not in base.defaults and key != "params":
                 group[key] = copy.deepcopy(value)
 
 

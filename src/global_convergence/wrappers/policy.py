@@ -48,11 +48,9 @@ def check_analytic(model: nn.Module, owner: str, allow_non_analytic: bool) -> bo
         shown = ", ".join(offending[:SHOWN_MODULES])
         more = len(offending) - SHOWN_MODULES
         names = shown + (f" and {more} more" if more > 0 else "")
-        raise UserInputError(
-            f"{owner}: the guarantee needs a real-analytic model, but these modules are not: "
-            f"{names}; convert them with make_analytic(model) (softplus with beta=100 instead of "
-            "ReLU, average instead of max pooling), or pass allow_non_analytic=True to train "
-            "without the guarantee (the certificate then withholds the bound)")
+        raise UserInputError(f"{owner}: the guarantee needs a real-analytic model, but these "
+                             f"modules are not: {names} (convert with make_analytic, or pass "
+                             "allow_non_analytic=True to run without it)")
     return not offending
 
 
@@ -66,12 +64,14 @@ def _largest(groups: Iterable[dict[str, Any]], read) -> float:
     return max(values) if values else 0.0
 
 
-def _momentum(group: dict[str, Any]) -> float:
-    """Heavy-ball momentum (SGD, RMSprop) or Adam's first-moment coefficient β1."""
-    if "momentum" in group:
+def _momentum(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float:
+    """Heavy-ball momentum (SGD, RMSprop) or Adam's first-moment coefficient β1, whichever the
+    optimizer's own hyper-parameters have (a group may carry other keys, e.g. a scheduler's)."""
+    if "momentum" in optimizer.defaults:
         return group["momentum"]
-    betas = group.get("betas")
-    return betas[0] if betas is not None else 0.0
+    if "betas" in optimizer.defaults:
+        return group["betas"][0]
+    return 0.0
 
 
 def optimizer_facts(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def optimizer_facts(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """
     groups = trained_groups(optimizer)
     return {"optimizer_name": type(optimizer).__name__.lower(),
-            "momentum": _largest(groups, _momentum),
+            "momentum": _largest(groups, lambda g: _momentum(optimizer, g)),
             "weight_decay": _largest(groups, lambda g: g.get("weight_decay", 0.0)),
             "lr": _largest(groups, lambda g: g["lr"])}
 
