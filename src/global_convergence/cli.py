@@ -120,6 +120,12 @@ def _add_verify(sub) -> None:
     p.add_argument("--checkpoint", help="checkpoint.pt of a gconv train run")
     p.add_argument("--data-root")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--batchnorm", default="recompute", choices=("recompute", "model"),
+                   help="at initialisation: recompute the trunk's batch-norm statistics over the "
+                        "inputs (default) or keep the model's (docs/verifiers.md)")
+    p.add_argument("--precision", default="auto", choices=("auto", "float64"),
+                   help="features: float32 with its noise floor where it verifies, else float64")
+    p.add_argument("--plot", help="write the decided spectrum to this .png")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -167,7 +173,12 @@ def _verify(args: argparse.Namespace) -> int:
 
     verdict = verify(args.condition, data=args.data, model=args.model, n=args.n, seed=args.seed,
                      loss=args.loss, width=args.width, checkpoint=args.checkpoint,
-                     data_root=args.data_root, device=args.device)
+                     data_root=args.data_root, device=args.device, batchnorm=args.batchnorm,
+                     precision=args.precision)
+    if args.plot:
+        from .conditions.plot import plot_spectrum
+
+        plot_spectrum(verdict, args.plot)
     if args.json:
         print(json.dumps(verdict.to_dict()))
     else:

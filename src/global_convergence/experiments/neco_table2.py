@@ -91,7 +91,7 @@ def run(ctx: Context, s: Table2Settings) -> Path:
                   "our m_H", "paper", "ours", "rank", "rank per method", "margin", "seconds"],
                  rows),
         "Model: `resnet18` (softplus, CIFAR variant) modified by `ee_model`, trunk He-initialised, "
-        f"q ~ N(0, 1), seed {s.seed}; rank decided in float64 (SPEC §4). The paper's m_H for "
+        f"q ~ N(0, 1), seed {s.seed}; rank decided in float64 (docs/verifiers.md). The paper's m_H for "
         "Semeion is lost in our text copy; ⌈2·1000/513⌉ = 4.")
     write_results(ctx, {"experiment": ctx.experiment, "preset": ctx.preset, "settings": as_dict(s),
                         "paper": {k: dict(zip(("n", "m_prev", "m_H", "verdict"), v))

@@ -1,4 +1,4 @@
-"""Full-row-rank decisions for factors too large to decompose casually (SPEC §4).
+"""Full-row-rank decisions for factors too large to decompose casually (docs/verifiers.md).
 
 :func:`factor_rank_verdict` decides ``rank(A) = target`` for a :class:`~.factors.RowFactor`:
 
@@ -26,7 +26,8 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from .cholesky import CHOLESKY_BLOCK, blocked_bytes, shifted_cholesky
+from .cholesky import (CHOLESKY_BLOCK, CholeskyFactor, CholeskyOutcome, blocked_bytes,
+                       shifted_cholesky)
 from .dense import (cut, decide, pivoted_qr_diagonal, require_finite, singular_values,
                     target_value)
 from .factors import RowFactor
@@ -117,8 +118,40 @@ def _cholesky_layout(factor: RowFactor, budget: int | None, block: int | None
     return ("blocked" if need <= limit else "too-large"), block, need
 
 
+def dense_gram_eigenvalue(gram: Tensor, seed: int = 0) -> float:
+    """``λ_max`` of a formed Gram matrix by Lanczos on ``G v`` (dense ``eigvalsh`` when small)."""
+    n = gram.shape[0]
+    if n <= SMALL_GRAM:
+        return float(torch.linalg.eigvalsh(gram)[-1]) if n else 0.0
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).to(gram.device, gram.dtype)
+        return (gram @ t.reshape(n)).double().cpu().numpy()
+
+    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    v0 = np.random.default_rng(seed).standard_normal(n)
+    try:
+        return float(scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=LANCZOS_TOL, v0=v0,
+                                               ncv=min(n - 1, LANCZOS_VECTORS),
+                                               return_eigenvectors=False)[0])
+    except scipy.sparse.linalg.ArpackNoConvergence:
+        return float(gram.diagonal().sum())
+
+
+def _dense_cholesky(gram: Tensor, shift: float) -> CholeskyOutcome:
+    """Cholesky of ``gram − shift·I``, overwriting ``gram`` (the dense layout of
+    :func:`.cholesky.shifted_cholesky`, for a Gram matrix already formed)."""
+    n = gram.shape[0]
+    gram.diagonal().sub_(shift)
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return CholeskyOutcome(None, int(info) - 1)
+    return CholeskyOutcome(CholeskyFactor([(0, lower)], n, shift), None)
+
+
 def _gram_certificate(factor: RowFactor, tol: float, band: float, budget: int | None,
-                      block: int | None, seed: int, details: dict[str, Any]) -> dict[str, Any]:
+                      block: int | None, seed: int, details: dict[str, Any],
+                      gram: Tensor | None = None) -> dict[str, Any]:
     """Try the shifted Cholesky certificate; record figures in ``details``.
 
     Returns ``{"certified": bool, "lower": √(certified λ_min bound), "estimate": σ_min estimate,
@@ -137,7 +170,10 @@ def _gram_certificate(factor: RowFactor, tol: float, band: float, budget: int | 
         details["notes"].append(f"the Gram factorisation needs {need / 2**30:.1f} GiB, more than "
                                 "allowed; use a machine (or GPU) with more memory")
         return result
-    outcome = shifted_cholesky(factor, shift, block)
+    if gram is not None and layout == "dense":
+        outcome = _dense_cholesky(gram, shift)
+    else:
+        outcome = shifted_cholesky(factor, shift, block)
     if not outcome.success:
         result["failed_at"] = outcome.failed_at
         details["cholesky_failed_at"] = outcome.failed_at
@@ -209,7 +245,12 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     # one inf/NaN entry (or an overflowing row) makes its row's squared norm non-finite
     require_finite(factor.row_norms_sq(), condition, "the matrix's squared row norms")
     target = n if target is None else int(target)
-    sigma_max = math.sqrt(max(largest_gram_eigenvalue(factor, seed), 0.0))
+    certify = target == n and cols >= n and n > 0
+    gram = None
+    if certify and _cholesky_layout(factor, gram_memory_budget, block)[0] == "dense":
+        gram = factor.gram()               # formed once: λ_max from it, then factorised
+    sigma_max = math.sqrt(max(dense_gram_eigenvalue(gram, seed) if gram is not None
+                              else largest_gram_eigenvalue(factor, seed), 0.0))
     tol = numpy_tolerance(sigma_max, factor.shape, dtype) if tol is None else float(tol)
     tol = max(tol, float(noise_floor))
     details: dict[str, Any] = {"band": band, "sigma_max": sigma_max, "notes": []}
@@ -218,9 +259,11 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     methods: dict[str, int] = {}
     route: list[str] = []
     cert = None
-    if target == n and cols >= n and n > 0:
+    if certify:
         route.append("gram-cholesky")
-        cert = _gram_certificate(factor, tol, band, gram_memory_budget, block, seed, details)
+        cert = _gram_certificate(factor, tol, band, gram_memory_budget, block, seed, details,
+                                 gram)
+        del gram
         if cert["certified"]:
             methods["cholesky"] = n
     values = None
