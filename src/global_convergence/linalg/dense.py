@@ -82,6 +82,18 @@ def decide(target: int, methods: dict[str, int], deciding: float, tol: float,
     return VERIFIED if reaches.pop() else NOT_VERIFIED
 
 
+SPECTRUM_TAIL = 200
+"""Values kept in a verdict's ``spectrum`` for plots: σ_max and the smallest ones up to here."""
+
+
+def spectrum_tail(values: np.ndarray, kind: str, tail: int = SPECTRUM_TAIL) -> dict:
+    """``{"kind", "index", "values"}``: ``σ_1`` and the last ``tail`` values (1-based indices),
+    small enough for a verdict's JSON at any ``n``."""
+    values = np.asarray(values, dtype=np.float64)
+    keep = sorted({0, *range(max(0, values.size - tail), values.size)}) if values.size else []
+    return {"kind": kind, "index": [i + 1 for i in keep], "values": [float(values[i]) for i in keep]}
+
+
 def verdict_from_values(condition: str, target: int, shape: list[int], dtype: torch.dtype,
                         tol: float, svd_values: np.ndarray, qr_diagonal: np.ndarray | None,
                         band: float = RANK_BAND) -> Verdict:
@@ -95,7 +107,8 @@ def verdict_from_values(condition: str, target: int, shape: list[int], dtype: to
                    rank=svd.rank, n=target, tolerance=tol, precision=precision_name(dtype),
                    smallest_kept=svd.smallest_kept, largest_dropped=svd.largest_dropped,
                    methods=methods, agree=len(set(methods.values())) == 1, shape=list(shape),
-                   details={"band": band, "margin": deciding / tol if tol > 0 else None})
+                   details={"band": band, "margin": deciding / tol if tol > 0 else None,
+                            "spectrum": spectrum_tail(svd_values, "singular values (SVD)")})
 
 
 def dense_rank_verdict(a: Tensor, target: int | None = None, *, condition: str = "rank",
