@@ -490,3 +490,28 @@ def test_safe_exploration_recomputes_batchnorm_statistics():
     assert fresh.verdict == VERIFIED and fresh.rank == 60
     assert fresh.details["batchnorm"]["statistics"] == "recomputed"
     assert model.trunk[1].running_mean.abs().max() == 0          # the caller's buffers untouched
+
+
+def _nearly_dependent_inputs(n: int = 600, m: int = 700) -> torch.Tensor:
+    """Rows 0 and 1 differ by ~1e-6 relative: σ_n of ``[x, 1]`` is far above the float64
+    tolerance but too small for a Gram certificate (which squares it)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, m, generator=g)
+    x[1] = x[0] * (1 + 2e-6 * torch.randn(m, generator=g).sign())
+    return x
+
+
+def test_auto_mode_reports_where_the_budget_stops_it_and_full_mode_decides():
+    model = TwoPhaseModel(nn.Identity(), nn.Linear(700, 1))
+    x = _nearly_dependent_inputs()
+    loss = make_loss("mse", 1)
+    auto = two_phase_certificate(model, x, loss, lr_used=None, budget_flops=0.0, **GD)
+    c = auto["condition"]
+    assert c["verdict"] == "inconclusive" and c["mode"] == "auto"
+    assert c["route"] == "gram-cholesky" and c["factor_route_skipped"]["flops_budget"] == 0.0
+    assert c["decide_offline"] == "gconv verify expressivity --checkpoint DIR/checkpoint.pt"
+    assert auto["bound"] is None and "condition_verified" in auto["bound_withheld_because"]
+    full = two_phase_certificate(model, x, loss, lr_used=None, mode="full", **GD)
+    assert full["condition"]["verdict"] == VERIFIED
+    assert full["condition"]["methods"] == {"svd": 600, "qr": 600}
+    assert "decide_offline" not in full["condition"]
