@@ -156,15 +156,22 @@ def _add_train(sub) -> None:
 def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="check a condition of the guarantees")
     p.add_argument("condition", choices=CONDITIONS)
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True)
+    p.add_argument("--data", help="dataset name or .npz path (not needed with --checkpoint)")
+    p.add_argument("--model", help="mlp | lenet | resnet18 | preact-resnet18")
     p.add_argument("--n", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss", default="ce")
     p.add_argument("--width", type=int, default=1)
-    p.add_argument("--checkpoint", help="checkpoint.pt of a gconv train run")
+    p.add_argument("--checkpoint", help="checkpoint.pt of a gconv train run: decide the "
+                                        "condition on its state, whatever it costs")
     p.add_argument("--data-root")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--batchnorm", default="recompute", choices=("recompute", "model"),
+                   help="at initialisation: recompute the trunk's batch-norm statistics over the "
+                        "inputs (default) or keep the model's (docs/verifiers.md)")
+    p.add_argument("--precision", default="auto", choices=("auto", "float64"),
+                   help="features: float32 with its noise floor where it verifies, else float64")
+    p.add_argument("--plot", help="write the decided spectrum to this .png")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -226,9 +233,16 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .experiments.verify import verify
 
+    if args.checkpoint is None and (args.data is None or args.model is None):
+        raise UserInputError("verify needs --data and --model, or --checkpoint")
     verdict = verify(args.condition, data=args.data, model=args.model, n=args.n, seed=args.seed,
                      loss=args.loss, width=args.width, checkpoint=args.checkpoint,
-                     data_root=args.data_root, device=args.device)
+                     data_root=args.data_root, device=args.device, batchnorm=args.batchnorm,
+                     precision=args.precision)
+    if args.plot:
+        from .conditions.plot import plot_spectrum
+
+        plot_spectrum(verdict, args.plot)
     if args.json:
         print(json.dumps(verdict.to_dict()))
     else:

@@ -30,6 +30,8 @@ CERTIFICATE_MODES = ("auto", "full")
 AUTO_BUDGET_FLOPS = 1e12
 """Default cap (flops) on the expensive fallback of ``mode="auto"``: about 10–20 s on two CPU
 cores, the order of a small run's whole training (docs/verifiers.md "Cost")."""
+GEMM_PROBE_ROWS = 512
+"""Rows of the float64 product timed to estimate a check's seconds from its flops."""
 RECOMPUTE_GROUP = 8
 """Chunks of rows recomputed per float64 copy of the trunk in the float64 pass."""
 
@@ -52,7 +54,9 @@ def require_mode(mode: str, precision: str) -> None:
 def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tensor | None,
                        precision: str, chunk_size: int = FEATURE_CHUNK, *, mode: str = "auto",
                        budget_flops: float = AUTO_BUDGET_FLOPS,
-                       condition: str = "the condition") -> tuple[Tensor, Verdict]:
+                       condition: str = "the condition",
+                       check_flops: Callable[[int, int], float] | None = None
+                       ) -> tuple[Tensor, Verdict]:
     """Trunk features of ``x`` (float64) and the verdict ``check`` gives on them.
 
     ``precision="float64"``: float64 features only. ``"auto"``: first the float32 features —
@@ -60,8 +64,11 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
     against float64 on a sample (:func:`~.features.relative_row_error`) counted as a noise floor;
     only a *verified* verdict is accepted from them, and they get no factor route. Anything else
     is decided again on float64 features, so ``"auto"`` can save the float64 pass but never turns
-    a verdict into *verified* that float64 would not give. ``mode`` and ``budget_flops`` as in
-    the module docstring. The constants (``L_H``, ``L̂``) are then computed on the features the
+    a verdict into *verified* that float64 would not give. The float32 attempt is skipped when
+    it cannot pay: ``check_flops(n, m)`` (the cost of one check on ``n × m`` features, at the
+    measured float64 GEMM rate) above the estimated float64 pass (the sample's time scaled to
+    ``n``); ``details["float32_attempt"]`` says so. ``mode`` and ``budget_flops`` as in the
+    module docstring. The constants (``L_H``, ``L̂``) are then computed on the features the
     verdict used.
     """
     require_mode(mode, precision)
@@ -72,10 +79,22 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
         verdict = _checked(check, exact, None, fallback, seconds, "float64")
         return exact, _name_offline_route(verdict, mode, condition)
     start = time.perf_counter()
+    index = sample_index(x.shape[0])
+    sample, sample_seconds = trunk_features(model, x[index.to(x.device)], torch.float64,
+                                            chunk_size)
+    worth, estimate = _float32_pays(x.shape[0], sample, sample_seconds, check_flops, features)
+    if not worth:
+        exact = torch.empty(x.shape[0], sample.shape[1], dtype=torch.float64,
+                            device=sample.device)
+        exact = _overwrite_in_float64(model, x, exact, index, sample, chunk_size)
+        _require_finite_features(exact)
+        verdict = _checked(check, exact, None, fallback, time.perf_counter() - start, "float64")
+        verdict.details["float32_attempt"] = {"verdict": None, "skipped": estimate}
+        verdict.details.setdefault("notes", []).append(
+            "float32 attempt skipped: one check costs more than the float64 feature pass")
+        return exact, _name_offline_route(verdict, mode, condition)
     if features is None:
         features, _ = trunk_features(model, x, torch.float32, chunk_size)
-    index = sample_index(x.shape[0])
-    sample, _ = trunk_features(model, x[index.to(x.device)], torch.float64, chunk_size)
     error = relative_row_error(features[index.to(features.device)], sample)
     cast = features.flatten(1).to(sample.device, torch.float64, copy=True)
     if bool(torch.isfinite(cast).all()) and math.isfinite(error.bound):
@@ -100,6 +119,35 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
     verdict.details["float32_attempt"] = attempt
     verdict.details.setdefault("notes", []).append(note)
     return exact, _name_offline_route(verdict, mode, condition)
+
+
+def gemm_rate(width: int, device: torch.device, rows: int = GEMM_PROBE_ROWS) -> float:
+    """Measured float64 flops per second of a ``rows × width`` by ``width × rows`` product (the
+    Gram's kernel) on ``device``."""
+    a = torch.randn(rows, max(width, 1), dtype=torch.float64, device=device)
+    start = time.perf_counter()
+    product = a @ a.T
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = max(time.perf_counter() - start, 1e-9)
+    del product
+    return 2.0 * rows * rows * max(width, 1) / seconds
+
+
+
+def _float32_pays(n: int, sample: Tensor, sample_seconds: float,
+                  check_flops: Callable[[int, int], float] | None,
+                  features: Tensor | None) -> tuple[bool, dict[str, float]]:
+    """Whether the float32 attempt can save more than it risks: the float64 pass it would save
+    (the sample's seconds scaled to ``n`` rows) against one check's estimated seconds."""
+    if check_flops is None or sample.shape[0] == 0:
+        return True, {}
+    pass_seconds = sample_seconds * n / sample.shape[0]
+    check_seconds = check_flops(n, sample.shape[1]) / gemm_rate(sample.shape[1], sample.device)
+    estimate = {"float64_pass_seconds_estimate": pass_seconds,
+                "check_seconds_estimate": check_seconds,
+                "features_given": features is not None}
+    return pass_seconds > check_seconds, estimate
 
 
 def _name_offline_route(verdict: Verdict, mode: str, condition: str) -> Verdict:

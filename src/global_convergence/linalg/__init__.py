@@ -1,9 +1,10 @@
-"""Numerical rank with honest verdicts (SPEC §4): SVD, QR with column pivoting, Gram matrices
+"""Numerical rank with honest verdicts (docs/verifiers.md): SVD, QR with column pivoting, Gram matrices
 with a Cholesky certificate, TSQR of wide factors, and least-squares residuals.
 
 Every decision states its tolerance (numpy's ``σ_max · max(rows, cols) · ε`` unless given), its
 precision, the singular values on either side of the cut and the methods used; a deciding value
-within a factor :data:`RANK_BAND` of the tolerance, or disagreeing methods, give *inconclusive*.
+within a factor :data:`RANK_BAND` of the tolerance, or methods that disagree about whether the
+rank reaches the target, give *inconclusive* (:func:`decide`).
 
 Entry points: :func:`dense_rank_verdict` (a matrix in memory), :func:`factor_rank_verdict` (a
 :class:`RowFactor`, e.g. the :class:`KhatriRaoFactor` of safe exploration, decided by its Gram
