@@ -187,14 +187,11 @@ BAD_OPTIONS = [
     # a non-analytic model asked for a guarantee, refused unless --allow-non-analytic
     (["--method", "two-phase", "--steps", "4", "--activation", "relu"],
      "TwoPhase: the guarantee needs a real-analytic model, but these modules are not: trunk.2, "
-     "trunk.4, trunk.6; convert them with make_analytic(model) (softplus with beta=100 instead of "
-     "ReLU, average instead of max pooling), or pass allow_non_analytic=True to train without the "
-     "guarantee (the certificate then withholds the bound)"),
+     "trunk.4, trunk.6 (convert with make_analytic, or pass allow_non_analytic=True to run without "
+     "it)"),
     (["--method", "ee", "--steps", "4", "--activation", "relu"],
      "EEWrapper: the guarantee needs a real-analytic model, but these modules are not: trunk.2, "
-     "trunk.4; convert them with make_analytic(model) (softplus with beta=100 instead of "
-     "ReLU, average instead of max pooling), or pass allow_non_analytic=True to train without the "
-     "guarantee (the certificate then withholds the bound)"),
+     "trunk.4 (convert with make_analytic, or pass allow_non_analytic=True to run without it)"),
     # argparse's own usage errors, in the same one-line form
     (["--method", "base", "--steps", "4", "--epochs", "2"],
      "argument --epochs: not allowed with argument --steps"),

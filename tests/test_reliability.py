@@ -281,16 +281,14 @@ def _optimizer(model):
     (lambda: TwoPhase(m := two_phase_model(MLP(2, 1), n=4), _optimizer(m), tau=2.5, delta0=1e-3),
      "tau must be a positive integer number of steps, got 2.5"),
     (lambda: TwoPhase(m := two_phase_model(MLP(2, 1), n=4), "sgd", tau=2, delta0=1e-3),
-     "optimizer must be a torch.optim.Optimizer (not a wrapper), got str"),
+     "optimizer must be a torch.optim.Optimizer, got str"),
     (lambda: EEWrapper(m := MLP(2, 1), _optimizer(m), tau=2, eps=1e-3),
      r"EEWrapper needs a model built by ee_model(base, n), got MLP"),
     (lambda: EEWrapper(m := ee_model(nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8),
                                                    nn.ReLU(), nn.Linear(8, 1)), n=4),
                        _optimizer(m), tau=2, eps=1e-3),
-     "EEWrapper: the guarantee needs a real-analytic model, but these modules are not: trunk.1; "
-     "convert them with make_analytic(model) (softplus with beta=100 instead of "
-     "ReLU, average instead of max pooling), or pass allow_non_analytic=True to train without the "
-     "guarantee (the certificate then withholds the bound)"),
+     "EEWrapper: the guarantee needs a real-analytic model, but these modules are not: trunk.1 "
+     "(convert with make_analytic, or pass allow_non_analytic=True to run without it)"),
     (lambda: validate_arrays(np.ones((3, 2)), np.array([0, 1, 2]), loss="ce", name="mine",
                              num_classes=2),
      "mine: label 2 is outside 0..1; expected class labels 0..1"),

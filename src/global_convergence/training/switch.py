@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import NumericalError
-from ..wrappers import PhaseWrapper
-from ..wrappers.policy import AUTO, set_learning_rate
 from .distributed import on_rank_zero
 from .feature_cache import cached_train_features
 from .phase2 import enter_phase2
@@ -39,8 +37,8 @@ def on_switch(run: "Run", out: Path | None) -> None:
         if failure is not None:
             raise NumericalError(f"certificate at the switch, step {run.state.step} (phase 1): "
                                  f"{failure}; {last_good(run, out)}. Lower --lr or check the data.")
-        if not run.ctx.is_main:
-            adopt_certificate(run.wrapper, certificate)
+        if not run.ctx.is_main:           # rank 0's certificate, and its 1/L under auto
+            run.wrapper.set_certificate(certificate)
         run.state.certificate = certificate
     run.state.seconds["switch"] += time.perf_counter() - started
 
@@ -54,15 +52,6 @@ def make_certificate(run: "Run") -> dict[str, Any]:
     precision = run.config.certificate_precision if float32_attempt_pays(run, cached) else "float64"
     return run.wrapper.certify(run.x, run.loss, full_batch=run.schedule.batch >= run.schedule.n,
                                features=cached, precision=precision, mode=run.config.certificate)
-
-
-def adopt_certificate(wrapper: PhaseWrapper, certificate: dict[str, Any]) -> None:
-    """Under DDP rank 0 certifies; every other rank's wrapper takes the result, and with
-    ``exploit_lr="auto"`` its step ``1/L``, as ``certify`` does on rank 0."""
-    wrapper.certificate = certificate
-    if wrapper.exploit_lr == AUTO:
-        set_learning_rate(wrapper.active_optimizer, float(certificate["step_used"]),
-                          "exploit_lr='auto'")
 
 
 def float32_attempt_pays(run: "Run", cached: torch.Tensor | None) -> bool:
