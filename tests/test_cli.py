@@ -337,6 +337,18 @@ def test_allow_non_analytic_runs_and_the_certificate_says_the_guarantee_does_not
     assert certificate["bound"] is None and "real_analytic" in certificate["bound_withheld_because"]
 
 
+def test_base_runs_a_relu_model_without_asking_for_a_guarantee(tmp_path):
+    """Only the wrappers check analyticity: ``--method base`` trains a ReLU baseline."""
+    out = tmp_path / "relu-base"
+    code, _, stderr = gconv(*BASE, "--n", "20", "--method", "base", "--activation", "relu",
+                            "--steps", "3", "--out", str(out))
+    assert (code, stderr) == (0, "")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["activation"] == "relu" and summary["certificate"] is None
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    assert state["step"] == 3 and state["wrapper"] is None
+
+
 def test_numerical_error_is_one_line_exit_3_naming_step_and_phase(tmp_path):
     out = tmp_path / "nan"
     code, _, stderr = gconv(*BASE, "--n", "20", "--method", "ee", "--tau", "2", "--steps", "12",
