@@ -1,17 +1,17 @@
-"""Safe-exploration rank decision vs the paper's dense ``numpy.linalg.matrix_rank`` (SPEC §4).
+"""Safe-exploration rank decision vs the paper's dense ``numpy.linalg.matrix_rank`` (docs/verifiers.md).
 
 Measures, in one run:
 
 1. at ``n`` (default 4000) with ``ϕ`` of ``n × m_H·m_{H−1}`` (default 16 × 513 = 8208 columns):
-   seconds of dense ``numpy.linalg.matrix_rank(ϕ)`` (the paper's method; SPEC anchor 18.6 s on
-   its machine) against :func:`global_convergence.conditions.safe_exploration`'s rank decision
+   seconds of dense ``numpy.linalg.matrix_rank(ϕ)`` (the paper's method; 18.6 s on a faster
+   reference machine) against :func:`global_convergence.conditions.safe_exploration`'s rank decision
    (its JSON ``seconds.rank``), their ratio and both verdicts / ranks and the margin;
 2. in a fresh subprocess each (so ``ru_maxrss`` is its own peak): time and peak memory of a
    verdict at each ``--large-n`` (default 60,000, ``m_H = ⌈2n/513⌉`` as in [K22] §3.4), where the
    Gram matrix no longer fits densely and the blocked Cholesky over panels rebuilt from ``Z`` and
    ``S`` runs.
 
-Features: a fixed random "ResNet-like" map (SPEC §4 speaks of ResNet features): inputs with 64
+Features: a fixed random "ResNet-like" map (standing in for ResNet-18 features, docs/verifiers.md): inputs with 64
 latent dimensions through two He-initialised softplus(β=100) layers (1024, then 512 units), so
 ``z̄ ≥ 0`` with a dominant common mode, plus the constant neuron; ``q ~ N(0, 1)`` as in the paper.
 Everything is float64; flush-to-zero is on (float64 features have no subnormals here either way).
@@ -131,7 +131,7 @@ def main() -> None:
     if not args.skip_dense:
         dense = dense_matrix_rank(args.n, args.m_h, args.seed)
         print(f"  numpy.linalg.matrix_rank(phi): rank {dense['rank']}, {dense['seconds']:.1f} s "
-              "(SPEC anchor 18.6 s)")
+              "(reference: 18.6 s on a faster machine)")
         print(f"  speed-up: {dense['seconds'] / ours['seconds_rank']:.1f}x (target >= 20x)")
     for n in [n for n in args.large_n if n > 0]:
         r = large_in_subprocess(n, args.seed)

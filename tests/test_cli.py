@@ -1,4 +1,4 @@
-"""``gconv`` (SPEC §7): the outputs of ``gconv train``, ``python -m global_convergence``, and the
+"""``gconv``: the outputs of ``gconv train``, ``python -m global_convergence``, and the
 exact one-line message of every bad input (exit 2, nothing written)."""
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def gconv(*argv: str) -> tuple[int, str, str]:
 
 
 # -- a whole run through the real entry points -----------------------------------------------------
-def test_python_dash_m_train_writes_every_output_of_spec_section_7(tmp_path):
+def test_python_dash_m_train_writes_every_output_of_a_run(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--data", "sine", "--n", "30", "--model", "mlp", "--method", "ee", "--tau", "4",
             "--eps", "0.01", "--steps", "8", "--batch-size", "0", "--optimizer", "sgd", "--lr",
@@ -186,13 +186,12 @@ BAD_OPTIONS = [
      "model 'lenet' needs image inputs (C, H, W), got input shape (1,)"),
     # a non-analytic model asked for a guarantee, refused unless --allow-non-analytic
     (["--method", "two-phase", "--steps", "4", "--activation", "relu"],
-     "--method two-phase needs a real-analytic model for its guarantee, but these modules are not: "
-     "trunk.2, trunk.4, trunk.6; use --activation softplus, or pass --allow-non-analytic to run "
-     "with a certificate saying the guarantee does not apply"),
+     "TwoPhase: the guarantee needs a real-analytic model, but these modules are not: trunk.2, "
+     "trunk.4, trunk.6 (convert with make_analytic, or pass allow_non_analytic=True to run without "
+     "it)"),
     (["--method", "ee", "--steps", "4", "--activation", "relu"],
-     "--method ee needs a real-analytic model for its guarantee, but these modules are not: "
-     "trunk.2, trunk.4; use --activation softplus, or pass --allow-non-analytic to run with a "
-     "certificate saying the guarantee does not apply"),
+     "EEWrapper: the guarantee needs a real-analytic model, but these modules are not: trunk.2, "
+     "trunk.4 (convert with make_analytic, or pass allow_non_analytic=True to run without it)"),
     # argparse's own usage errors, in the same one-line form
     (["--method", "base", "--steps", "4", "--epochs", "2"],
      "argument --epochs: not allowed with argument --steps"),
@@ -278,20 +277,50 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     assert target.read_text() == "mine"
 
 
-def test_resume_without_a_checkpoint_or_with_other_options(tmp_path):
+def test_resume_on_a_folder_without_a_checkpoint_starts_the_run(tmp_path):
+    """A job pre-empted before its first checkpoint is re-submitted unchanged: ``--resume`` on a
+    folder holding no checkpoint yet starts the run, and gives what a run without it gives."""
+    job = (*BASE, "--method", "ee", "--steps", "6", "--n", "10", "--batch-size", "0")
+    code, _, stderr = gconv(*job, "--out", str(tmp_path / "fresh"), "--resume")
+    assert code == 0, stderr
+    (tmp_path / "empty").mkdir()
+    assert gconv(*job, "--out", str(tmp_path / "empty"), "--resume")[0] == 0
+    assert gconv(*job, "--out", str(tmp_path / "plain"))[0] == 0
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text())
+                 for name in ("fresh", "empty", "plain")]
+    assert summaries[0]["steps"] == 6 and summaries[0]["completed"]
+    assert summaries[0]["train_loss"] == summaries[1]["train_loss"] == summaries[2]["train_loss"]
+    verdicts = [(c["condition"]["verdict"], c["condition"]["rank"])
+                for c in (summary["certificate"] for summary in summaries)]
+    assert verdicts[0] == verdicts[1] == verdicts[2]
+    assert gconv(*job, "--out", str(tmp_path / "fresh"), "--resume")[0] == 0     # completed: kept
+    again = json.loads((tmp_path / "fresh" / "summary.json").read_text())
+    assert again["train_loss"] == summaries[0]["train_loss"]
+
+
+def test_resume_refuses_a_folder_holding_another_runs_files(tmp_path):
     out = tmp_path / "out"
-    code, _, stderr = gconv(*BASE, "--method", "base", "--steps", "3", "--out", str(out), "--resume")
-    assert (code, stderr) == (2, f"gconv: error: no checkpoint at {out / CHECKPOINT_NAME}; expected "
-                                 "a checkpoint.pt written by gconv train\n")
-    assert not out.exists()
-    assert gconv(*BASE, "--method", "base", "--steps", "3", "--n", "10", "--out", str(out))[0] == 0
-    code, _, stderr = gconv(*BASE, "--method", "base", "--steps", "3", "--n", "10", "--lr", "0.2",
-                            "--out", str(out), "--resume")
+    job = (*BASE, "--method", "base", "--steps", "3", "--n", "10")
+    assert gconv(*job, "--out", str(out))[0] == 0
+    code, _, stderr = gconv(*job, "--lr", "0.2", "--out", str(out), "--resume")
     assert (code, stderr) == (2, "gconv: error: --resume with options that differ from the "
                                  "checkpoint's (lr: 0.1 -> 0.2)\n")
+    (out / CHECKPOINT_NAME).unlink()                     # a summary.json of another configuration
+    code, _, stderr = gconv(*job, "--lr", "0.2", "--out", str(out), "--resume")
+    assert (code, stderr) == (2, "gconv: error: --resume with options that differ from the run "
+                                 f"whose summary.json is in {out} (lr: 0.1 -> 0.2)\n")
+    (out / "summary.json").unlink()                      # results nobody can attribute
+    code, _, stderr = gconv(*job, "--out", str(out), "--resume")
+    assert (code, stderr) == (2, f"gconv: error: --resume: {out} holds a metrics.csv but neither "
+                                 "checkpoint.pt nor summary.json, so it cannot be told to be this "
+                                 "run's; give another --out or empty the folder\n")
+    assert (out / "metrics.csv").is_file()               # nothing was removed
+    (out / "summary.json").write_text("{not json")
+    code, _, stderr = gconv(*job, "--out", str(out), "--resume")
+    assert code == 2 and stderr.startswith(f"gconv: error: --resume: {out} holds a summary.json "
+                                           "that is not one of gconv train") and stderr.count("\n") == 1
     (out / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
-    code, _, stderr = gconv(*BASE, "--method", "base", "--steps", "3", "--n", "10",
-                            "--out", str(out), "--resume")
+    code, _, stderr = gconv(*job, "--out", str(out), "--resume")
     assert code == 2 and stderr.startswith(f"gconv: error: checkpoint {out / CHECKPOINT_NAME} is "
                                            "unreadable (") and stderr.count("\n") == 1
 
@@ -308,6 +337,18 @@ def test_allow_non_analytic_runs_and_the_certificate_says_the_guarantee_does_not
     assert certificate["bound"] is None and "real_analytic" in certificate["bound_withheld_because"]
 
 
+def test_base_runs_a_relu_model_without_asking_for_a_guarantee(tmp_path):
+    """Only the wrappers check analyticity: ``--method base`` trains a ReLU baseline."""
+    out = tmp_path / "relu-base"
+    code, _, stderr = gconv(*BASE, "--n", "20", "--method", "base", "--activation", "relu",
+                            "--steps", "3", "--out", str(out))
+    assert (code, stderr) == (0, "")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["activation"] == "relu" and summary["certificate"] is None
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    assert state["step"] == 3 and state["wrapper"] is None
+
+
 def test_numerical_error_is_one_line_exit_3_naming_step_and_phase(tmp_path):
     out = tmp_path / "nan"
     code, _, stderr = gconv(*BASE, "--n", "20", "--method", "ee", "--tau", "2", "--steps", "12",
@@ -318,3 +359,87 @@ def test_numerical_error_is_one_line_exit_3_naming_step_and_phase(tmp_path):
     assert stderr == (f"gconv: numerical error: training loss became inf at step {step} (phase 2); "
                       f"the last good checkpoint (step {step - 1}) is kept in "
                       f"{out / CHECKPOINT_NAME}. Lower --lr or check the data.\n")
+
+
+# -- launchers ------------------------------------------------------------------------------------
+REQUIRED = {"--data": "two-moons", "--model": "mlp", "--method": "ee", "--steps": "5"}
+
+
+def typed_forms(action) -> list[list[str]]:
+    """How a user types ``action`` on a command line: ``--flag``, or ``--opt V`` and ``--opt=V``
+    with a value it accepts (the first of its listed choices)."""
+    flag = action.option_strings[-1]
+    if action.nargs == 0:
+        return [[flag]]
+    metavar = action.metavar or ""
+    value = metavar[1:].split(",")[0] if metavar.startswith("{") else REQUIRED.get(flag, "1")
+    return [[flag, value], [f"{flag}={value}"]]
+
+
+def train_command_lines() -> list[list[str]]:
+    """One complete ``train`` command line per typed form of every option of ``gconv train``."""
+    from global_convergence.cli import build_parser
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    lines = []
+    for action in train_parser._actions:
+        if not action.option_strings or action.option_strings == ["-h", "--help"]:
+            continue
+        for form in typed_forms(action):
+            base = {k: v for k, v in REQUIRED.items()
+                    if k != form[0].split("=")[0] and not (k == "--steps" and "--epochs" in form[0])}
+            lines.append(["train", *[t for kv in base.items() for t in kv], *form])
+    return lines
+
+
+def test_every_train_option_reaches_the_workers_unchanged_through_both_launchers():
+    """Each option of ``gconv train``, typed as a user types it, goes through torchrun's own
+    parser (after ``train --``, its documented form) and through ``--nproc-per-node``'s launcher,
+    and the workers' ``gconv`` parses exactly what one process parses."""
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    from global_convergence.cli import build_parser, command_line
+    from global_convergence.training.launch import launcher_args
+    parser, torchrun = build_parser(), get_args_parser()
+    lines = train_command_lines()
+    covered = {line[-1].split("=")[0] if line[-1].startswith("--") else line[-2] for line in lines}
+    assert {"--n", "--nproc-per-node", "--certificate", "--resume", "--exploit-lr"} <= covered
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    assert covered == {a.option_strings[-1] for a in train_parser._actions
+                       if a.option_strings and a.option_strings[-1] != "--help"}
+    refused = set()
+    for line in lines:
+        expected = vars(parser.parse_args(line))
+        prefix = ["--standalone", "--nproc-per-node=2", "-m", "global_convergence"]
+        separated = torchrun.parse_args([*prefix, "train", "--", *line[1:]])
+        assert separated.module and separated.training_script == "global_convergence"
+        assert command_line(separated.training_script_args) == line
+        assert vars(parser.parse_args(command_line(separated.training_script_args))) == expected
+        _, _, worker_args = config_from_args(launcher_args(2, line))
+        assert worker_args[-len(line):] == line and worker_args[:3] == ["-u", "-m", "global_convergence"]
+        try:                                       # without "--": torchrun reads them itself
+            plain = torchrun.parse_args([*prefix, *line])
+            assert plain.training_script_args == line
+        except SystemExit:
+            refused.add(line[-1].split("=")[0] if "=" in line[-1] else line[-2])
+    assert refused == {"--n"}     # torchrun: "ambiguous option: --n could match --nnodes, ..."
+
+
+def test_the_launcher_refuses_bad_options_once_before_starting_workers(tmp_path):
+    code, _, stderr = gconv(*BASE, "--method", "ee", "--steps", "4", "--lr", "-1",
+                            "--nproc-per-node", "2", "--out", str(tmp_path / "x"))
+    assert (code, stderr) == (2, "gconv: error: --lr must be a positive number, got -1.0\n")
+    code, _, stderr = gconv(*BASE, "--method", "ee", "--steps", "4", "--nproc-per-node", "0",
+                            "--out", str(tmp_path / "x"))
+    assert (code, stderr) == (2, "gconv: error: --nproc-per-node must be a positive integer, got 0\n")
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_lists_the_choices_and_defaults_of_train(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--method {base,two-phase,ee}", "--certificate {auto,full,off}",
+                  "--feature-cache {auto,memory,disk,off}", "--model {mlp,lenet,resnet18,preact-resnet18}",
+                  "learning rate (default: 0.1)", "(default: 1e-05)", "(default: sgd)"):
+        assert shown in text, shown
+    assert "SPEC" not in text

@@ -15,7 +15,9 @@ from global_convergence.conditions import (NOT_VERIFIED, VERIFIED, alignment, al
                                            width_condition)
 from global_convergence.errors import NumericalError, UserInputError
 from global_convergence.losses import make_loss
-from global_convergence.models import MLP, LeNet, ResNet18, ee_model, two_phase_model
+from global_convergence.models import (MLP, EEModel, LeNet, ResNet18, TwoPhaseModel, ee_model,
+                                       two_phase_model)
+from global_convergence.models.heads import GatedHead
 
 F64 = torch.float64
 
@@ -122,7 +124,8 @@ def test_safe_exploration_resnet_he_initialised():
     model = ee_model(ResNet18(3, 2), 24)                   # m_{H−1} = 513, m_H = ⌈48/513⌉ = 1
     he_initialise(model.trunk, seed=0)
     x = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    v = safe_exploration(model, x, q="random")
+    v = safe_exploration(model, x, q="random", recompute_batchnorm=False)
+    assert v.details["batchnorm"]["statistics"] == "model"
     assert v.verdict == VERIFIED and v.shape == [24, 513]
     assert safe_exploration(model, with_duplicates(x, 2), q="random").verdict == NOT_VERIFIED
 
@@ -431,3 +434,84 @@ def test_certificate_goes_to_float64_when_float32_features_overflow_and_refuses_
     json.dumps(cert)
     with pytest.raises(NumericalError, match=r"not finite in float64 for 60 of 60 inputs"):
         two_phase_certificate(_scaled_trunk(model, 1e160), points, loss, lr_used=None, **GD)
+
+
+def test_certificate_mode_is_validated_and_recorded(points):
+    torch.manual_seed(0)
+    model = two_phase_model(MLP(5, 1), 60)
+    model.freeze_trunk()
+    loss = make_loss("ce", 2)
+    with pytest.raises(UserInputError, match="mode"):
+        two_phase_certificate(model, points, loss, lr_used=None, mode="cheap", **GD)
+    full = two_phase_certificate(model, points, loss, lr_used=None, mode="full",
+                                 precision="float64", **GD)
+    assert full["condition"]["mode"] == "full" and full["condition"]["verdict"] == VERIFIED
+
+
+# ------------------------------------------------------------- batch norm at initialisation
+
+def _bn_trunk() -> nn.Sequential:
+    """Linear → BatchNorm1d → softplus, still at the default statistics (mean 0, variance 1)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 300), nn.BatchNorm1d(300), nn.Softplus())
+
+
+def _offset_points() -> torch.Tensor:
+    """60 inputs with a common offset of 1000: with the default statistics every pre-activation
+    is ±hundreds for nearly every unit, the softplus is linear or zero there with one sign
+    pattern, so ``[h, 1]`` has rank far below 60; normalised by these inputs' statistics it is
+    full."""
+    return torch.randn(60, 5, generator=torch.Generator().manual_seed(3)) + 1000.0
+
+
+def test_expressivity_recomputes_batchnorm_statistics_on_a_copy():
+    model = TwoPhaseModel(_bn_trunk(), nn.Linear(300, 1))
+    x = _offset_points()
+    before = copy.deepcopy(model.state_dict())
+    kept = expressivity(model, x, recompute_batchnorm=False)
+    assert kept.verdict == NOT_VERIFIED and kept.rank < 20
+    assert kept.details["batchnorm"]["statistics"] == "model"
+    fresh = expressivity(model, x)                              # the default: recompute
+    assert fresh.verdict == VERIFIED and fresh.rank == 60
+    record = fresh.to_dict()["batchnorm"]
+    assert record["statistics"] == "recomputed" and record["layers"] == 1
+    assert record["inputs"] == 60
+    assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
+    plain = expressivity(two_phase_model(MLP(5, 1), 60), x[:, :] - 1000.0)
+    assert plain.details["batchnorm"]["statistics"] == "none"
+
+
+def test_safe_exploration_recomputes_batchnorm_statistics():
+    model = EEModel(_bn_trunk(), GatedHead(300, 2, 1))
+    x = _offset_points()
+    kept = safe_exploration(model, x, q="random", recompute_batchnorm=False)
+    assert kept.verdict == NOT_VERIFIED and kept.rank < 40    # rank ≤ m_H · rank [h, 1]
+    fresh = safe_exploration(model, x, q="random")
+    assert fresh.verdict == VERIFIED and fresh.rank == 60
+    assert fresh.details["batchnorm"]["statistics"] == "recomputed"
+    assert model.trunk[1].running_mean.abs().max() == 0          # the caller's buffers untouched
+
+
+def _nearly_dependent_inputs(n: int = 600, m: int = 700) -> torch.Tensor:
+    """Rows 0 and 1 differ by ~1e-6 relative: σ_n of ``[x, 1]`` is far above the float64
+    tolerance but too small for a Gram certificate (which squares it)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, m, generator=g)
+    x[1] = x[0] * (1 + 2e-6 * torch.randn(m, generator=g).sign())
+    return x
+
+
+def test_auto_mode_reports_where_the_budget_stops_it_and_full_mode_decides():
+    model = TwoPhaseModel(nn.Identity(), nn.Linear(700, 1))
+    x = _nearly_dependent_inputs()
+    loss = make_loss("mse", 1)
+    auto = two_phase_certificate(model, x, loss, lr_used=None, budget_flops=0.0, **GD)
+    c = auto["condition"]
+    assert c["verdict"] == "inconclusive" and c["mode"] == "auto"
+    assert c["route"] == "gram-cholesky" and c["factor_route_skipped"]["flops_budget"] == 0.0
+    assert c["decide_offline"] == "gconv verify expressivity --checkpoint DIR/checkpoint.pt"
+    assert auto["bound"] is None and "condition_verified" in auto["bound_withheld_because"]
+    full = two_phase_certificate(model, x, loss, lr_used=None, mode="full", **GD)
+    assert full["condition"]["verdict"] == VERIFIED
+    assert full["condition"]["methods"] == {"svd": 600, "qr": 600}
+    assert "decide_offline" not in full["condition"]

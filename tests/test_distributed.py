@@ -1,4 +1,4 @@
-"""Two processes under ``torchrun`` (gloo, CPU) train what one process trains (SPEC §7, DDP).
+"""Two processes under ``torchrun`` (gloo, CPU) train what one process trains (DDP).
 
 ``--batch-size`` is the global batch: both ranks draw the same global batch and take every second
 index of it, so 1 and 2 processes see the same batches, perturbations and gates. Two 2-rank launches
@@ -55,6 +55,9 @@ PARTIAL = {"two-phase": {}, "ee": {"cache_features": False}}
 """The stopped EE run recomputes the frozen trunk under DDP (phase 2 without the feature cache);
 it is resumed that way and compared with the cached 1-process run."""
 LAUNCH_TIMEOUT = 900
+AUTO = {**COMMON, "method": "ee", "batch_size": 0, "epochs": None, "steps": 8, "tau": 4,
+        "momentum": 0.0, "weight_decay": 0.0, "exploit_lr": "auto"}
+"""EE at the certificate's step 1/L: rank 0 certifies, every rank must take its step."""
 
 BN_CHECK = '''
 import torch
@@ -88,12 +91,12 @@ def bn_gradients(ctx=None):
 DRIVER = BN_CHECK + '''
 import json, os, sys
 from global_convergence.cli import main
-from global_convergence.training import TrainConfig, train, loop
+from global_convergence.training import TrainConfig, evaluation, train, loop
 from global_convergence.training.distributed import init_distributed
 
 loop.plot_run = lambda *args, **kwargs: []
 spec = json.loads(sys.argv[1])
-loop.EVAL_CHUNK = 16
+evaluation.EVAL_CHUNK = 16
 assert main(spec["cli"]) == 0
 for name, (options, stop) in spec["runs"].items():
     train(TrainConfig(**options), os.path.join(spec["root"], name), progress=False, stop_after=stop)
@@ -144,12 +147,20 @@ def runs(tmp_path_factory):
     in-process meanwhile."""
     root = tmp_path_factory.mktemp("ddp")
     log = root / "ee-two-ranks.log"
-    launches = [(torchrun(["-m", "global_convergence", *cli_args("ee", root / "ee-2")], log), log)]
+    ee = cli_args("ee", root / "ee-2", "--n", "100")       # torchrun needs "--" before "--n"
+    launches = [(torchrun(["-m", "global_convergence", "train", "--", *ee[1:]], log), log)]
+    log = root / "launcher.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    own = [sys.executable, "-m", "global_convergence",
+           *cli_args("ee", root / "ee-launcher", "--n", "100", "--nproc-per-node", "2")]
+    launches.append((subprocess.Popen(own, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env),
+                     log))
     driver = root / "driver.py"
     driver.write_text(DRIVER)
     spec = {"root": str(root), "cli": cli_args("two-phase", root / "two-phase-2", "--feature-cache", "disk"),
-            "runs": {f"{m}-partial": ({**COMMON, **PARTIAL[m], "method": m}, stop)
-                     for m, stop in STOPS.items()}}
+            "runs": {**{f"{m}-partial": ({**COMMON, **PARTIAL[m], "method": m}, stop)
+                        for m, stop in STOPS.items()}, "ee-auto-2": (AUTO, None)}}
     log = root / "driver.log"
     launches.append((torchrun([str(driver), json.dumps(spec)], log), log))
 
@@ -160,6 +171,7 @@ def runs(tmp_path_factory):
     try:
         for method in ("two-phase", "ee"):
             assert gconv(cli_args(method, root / f"{method}-1")) == 0
+        train(TrainConfig(**AUTO), root / "ee-auto-1", progress=False)
         namespace: dict = {}
         exec(BN_CHECK, namespace)
         torch.save(namespace["bn_gradients"](), root / "bn-one-process.pt")
@@ -191,6 +203,28 @@ def test_two_ranks_train_what_one_process_trains(runs, method):
     statement = lambda s: (s["certificate"]["condition"]["verdict"], s["certificate"]["condition"]["rank"],
                            s["certificate"]["assumptions"], s["certificate"]["bound"])
     assert statement(two) == statement(one)
+
+
+def test_gconv_train_nproc_per_node_launches_the_same_two_rank_run(runs):
+    """``gconv train --nproc-per-node 2`` (workers started through torch.distributed.run, with
+    ``--n``, which torchrun's own parser refuses) trains what ``torchrun ... train -- ...`` does."""
+    own, two, one = (summary(runs / name) for name in ("ee-launcher", "ee-2", "ee-1"))
+    assert own["world_size"] == two["world_size"] == 2 and own["config"]["n"] == 100
+    assert own["train_loss"] == two["train_loss"]           # the same two-rank computation
+    assert_close(own["train_loss"], one["train_loss"], "launcher vs 1 process")
+    assert losses(runs / "ee-launcher") == losses(runs / "ee-2")
+
+
+def test_every_rank_takes_the_step_rank_zero_certified(runs):
+    """``exploit_lr="auto"`` under DDP: the certificate is made on rank 0 and the other ranks'
+    wrappers adopt it and its 1/L (without it they would refuse the phase-2 step)."""
+    one, two = summary(runs / "ee-auto-1"), summary(runs / "ee-auto-2")
+    assert two["world_size"] == 2 and two["completed"] and two["certificate"] is not None
+    assert two["certificate"]["step_used"] == two["certificate"]["step_max"]
+    assert math.isclose(two["certificate"]["step_used"], one["certificate"]["step_used"], rel_tol=RTOL)
+    assert_close(two["train_loss"], one["train_loss"], "1/L steps on 2 ranks vs 1 process")
+    state = load_checkpoint(runs / "ee-auto-2" / CHECKPOINT_NAME)
+    assert state["wrapper"]["certificate"]["step_used"] == two["certificate"]["step_used"]
 
 
 @pytest.mark.parametrize("method", ["two-phase", "ee"])
@@ -239,14 +273,12 @@ def test_global_batchnorm_gives_the_one_process_gradient_in_float64(runs):
 
 def _rank_zero_failure_worker(rank: int, init_file: str, out_dir: str) -> None:
     """One of two gloo ranks: rank 0's work fails; record what each rank raised."""
-    from types import SimpleNamespace
-
     from global_convergence.errors import NumericalError
-    from global_convergence.training.distributed import DistContext
+    from global_convergence.training.distributed import DistContext, on_rank_zero
     from datetime import timedelta
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))      # a rank left waiting fails, not hangs
-    run = SimpleNamespace(ctx=DistContext(rank, 2, torch.device("cpu")))
+    ctx = DistContext(rank, 2, torch.device("cpu"))
     outcomes = []
     for failure in (ValueError("bad value on rank 0"), NumericalError("overflow on rank 0"), None):
         def work():
@@ -254,7 +286,7 @@ def _rank_zero_failure_worker(rank: int, init_file: str, out_dir: str) -> None:
                 raise failure
             return "fine"
         try:
-            outcomes.append(["returned", *map(str, loop.on_rank_zero(run, work))])
+            outcomes.append(["returned", *map(str, on_rank_zero(ctx, work))])
         except Exception as exc:                   # noqa: BLE001 - recorded for the test
             outcomes.append(["raised", type(exc).__name__, str(exc)])
     dist.destroy_process_group()

@@ -16,11 +16,12 @@ import torch
 from global_convergence.cli import main
 from global_convergence.errors import UserInputError
 from global_convergence.experiments import EXPERIMENTS, reproduce
-from global_convergence.experiments import common
-from global_convergence.experiments.common import Context, beside_paper, completed_summary
+from global_convergence.experiments import standins
+from global_convergence.experiments.report import beside_paper
+from global_convergence.experiments.subruns import Context, completed_summary
 from global_convergence.training import TrainConfig
 
-SPEC_IDS = {"neco-fig1a", "neco-fig1bc", "neco-table1", "neco-fig2", "neco-table2",
+EXPERIMENT_IDS = {"neco-fig1a", "neco-fig1bc", "neco-table1", "neco-fig2", "neco-table2",
             "neco-table3-5", "aaai-table1", "aaai-table2"}
 OUT_DIRS = {"neco-fig1a": "neco-table1/fig1a", "neco-fig1bc": "neco-table1/fig1bc"}
 
@@ -59,8 +60,8 @@ def report(out: Path) -> str:
 
 
 # -- registry, presets, errors ----------------------------------------------------------------
-def test_registry_has_every_spec_experiment_with_three_presets():
-    assert set(EXPERIMENTS) == SPEC_IDS
+def test_registry_has_every_paper_experiment_with_three_presets():
+    assert set(EXPERIMENTS) == EXPERIMENT_IDS
     for name, module in EXPERIMENTS.items():
         assert set(module.PRESETS) == {"smoke", "cpu", "paper"}, name
         for preset in module.PRESETS.values():
@@ -94,7 +95,7 @@ def test_paper_presets_carry_the_papers_settings():
 def test_unknown_experiment_lists_the_valid_names(tmp_path):
     with pytest.raises(UserInputError) as err:
         reproduce("neco-fig9", preset="smoke", out=tmp_path)
-    assert all(name in str(err.value) for name in SPEC_IDS)
+    assert all(name in str(err.value) for name in EXPERIMENT_IDS)
 
 
 def test_unknown_preset_lists_the_valid_presets(tmp_path):
@@ -117,7 +118,7 @@ def test_missing_torchvision_data_is_one_line_naming_the_data_root(tmp_path, cap
 # -- helpers --------------------------------------------------------------------------------------
 def test_binary_labels_file_has_the_documented_labels(tmp_path):
     ctx = Context("neco-fig1bc", "smoke", tmp_path, progress=False)
-    with np.load(common.binary_labels_file(ctx, "digits")) as f:
+    with np.load(standins.binary_labels_file(ctx, "digits")) as f:
         from global_convergence.data import load_dataset
         digits = load_dataset("digits")
         assert np.array_equal(f["y"], (digits.y_train.numpy() >= 5).astype(np.int64))

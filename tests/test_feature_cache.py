@@ -21,10 +21,10 @@ import torch
 
 from global_convergence.cli import main
 from global_convergence.errors import UserInputError
-from global_convergence.training import TrainConfig, loop, storage, train
+from global_convergence.training import TrainConfig, build_run, feature_cache, phase2, storage, train
 
 TOL = 1e-5
-BUILD_FEATURE_CACHE = loop.build_feature_cache
+BUILD_FEATURE_CACHE = feature_cache.build_feature_cache
 CASES = {
     "two-phase-mlp": dict(data="two-moons", model="mlp", method="two-phase", epochs=5, batch_size=20),
     "ee-mlp": dict(data="two-moons", model="mlp", method="ee", epochs=5, batch_size=20),
@@ -54,7 +54,7 @@ def run(options: dict, out: Path | None, monkeypatch) -> tuple[list[dict], list,
             present.append(all(f.is_file() for f in built[-1].files))
         rows.append(dict(event.row))
 
-    monkeypatch.setattr(loop, "build_feature_cache", spy)
+    monkeypatch.setattr(phase2, "build_feature_cache", spy)
     rows: list[dict] = []
     train(TrainConfig(**options, log_every=1), out, progress=False, callbacks=[record])
     return rows, built, present
@@ -95,13 +95,12 @@ def test_without_an_output_folder_the_disk_cache_lives_in_a_temporary_folder(mon
 def test_auto_keeps_the_cache_in_memory_below_the_budget_and_on_disk_above(monkeypatch):
     """Written chunk by chunk (chunks of 7 here) into the memmap: the same float32 features as
     the memory cache; ``close`` deletes the file and its temporary folder."""
-    monkeypatch.setattr(loop, "EVAL_CHUNK", 7)
-    run_ = loop.build_run(TrainConfig(**CASES["two-phase-lenet"]))
+    run_ = build_run(TrainConfig(**CASES["two-phase-lenet"]), eval_chunk=7)
     run_.model.freeze_trunk()
     monkeypatch.setattr(storage, "CACHE_MEMORY_BUDGET", 10**12)
-    memory = loop.build_feature_cache(run_)
+    memory = feature_cache.build_feature_cache(run_)
     monkeypatch.setattr(storage, "CACHE_MEMORY_BUDGET", 1)
-    disk = loop.build_feature_cache(run_)
+    disk = feature_cache.build_feature_cache(run_)
     assert isinstance(memory.train, torch.Tensor) and memory.files == []
     assert isinstance(disk.train, np.memmap) and isinstance(disk.test, np.memmap)
     assert disk.train.dtype == np.float32 and disk.train.shape == tuple(memory.train.shape)
@@ -194,7 +193,7 @@ def test_on_cuda_pinned_data_and_disk_cache_train_what_device_data_train(tmp_pat
     """Not run where this was written (no GPU): data in pinned CPU memory with batches copied
     without blocking, and a disk cache read per batch, against data and cache on the GPU."""
     options = {**CASES["two-phase-lenet"], "device": "cuda"}
-    run_ = loop.build_run(TrainConfig(**options, data_on_device="no"))
+    run_ = build_run(TrainConfig(**options, data_on_device="no"))
     assert run_.x.device.type == "cpu" and run_.x.is_pinned() and run_.y.device.type == "cuda"
     on, _, _ = run({**options, "data_on_device": "yes", "feature_cache": "memory"},
                    tmp_path / "on", monkeypatch)

@@ -250,3 +250,43 @@ def test_rank_verdicts_refuse_non_finite_matrices_by_name(bad):
     a[2, 4] = 0.0                      # the same matrices, finite: decided
     assert dense_rank_verdict(a).verdict == VERIFIED
     assert factor_rank_verdict(KhatriRaoFactor(s, a)).verdict == VERIFIED
+
+
+# ------------------------------------------------------------ what a verdict decides: rank = n
+
+def _kahan(n: int = 60, theta: float = 1.2) -> torch.Tensor:
+    """Kahan's matrix, on which QR with column pivoting does not reveal the rank: ``|R_nn|`` is
+    1e-2 while ``σ_n`` is 3e-10 (columns scaled by ``(1 − 1e-7)^j`` so no pivoting happens)."""
+    s, c = np.sin(theta), np.cos(theta)
+    k = np.diag(s ** np.arange(n)) @ (np.eye(n) + np.triu(-c * np.ones((n, n)), 1))
+    return torch.from_numpy(k @ np.diag((1 - 1e-7) ** np.arange(n)))
+
+
+def test_ranks_far_short_of_n_are_not_verified_even_when_the_methods_differ():
+    assert decide(4000, {"svd": 1229, "qr": 1231}, deciding=1e-14 * 3e-9, tol=3e-9) == NOT_VERIFIED
+    # σ decaying through the tolerance: SVD and QR cut it at different places, both far below n
+    values = np.logspace(0, -30, 50)
+    v = dense_rank_verdict(with_singular_values(50, 80, values))
+    assert v.rank == 23 and max(v.methods.values()) <= 25        # of n = 50
+    assert v.verdict == NOT_VERIFIED
+    assert v.details["margin"] < 1 / RANK_BAND
+
+
+def test_nth_value_inside_the_band_is_inconclusive():
+    values = np.concatenate([np.ones(19), [3e-6]])
+    v = dense_rank_verdict(with_singular_values(20, 30, values), tol=1e-6)
+    assert v.methods == {"svd": 20, "qr": 20}                  # both reach n ...
+    assert v.verdict == INCONCLUSIVE                           # ... but σ_n = 3·tol is too close
+    below = dense_rank_verdict(with_singular_values(20, 30, values), tol=1e-5)
+    assert below.rank == 19 and below.verdict == INCONCLUSIVE  # σ_n = tol/3 likewise
+    far = dense_rank_verdict(with_singular_values(20, 30, values), tol=1e-9)
+    assert far.verdict == VERIFIED and far.details["margin"] > RANK_BAND
+
+
+def test_methods_disagreeing_about_reaching_n_are_inconclusive():
+    assert decide(5, {"svd": 5, "qr": 4}, deciding=1.0, tol=1e-10) == INCONCLUSIVE
+    kahan = _kahan()
+    v = dense_rank_verdict(kahan, tol=1e-4)
+    assert v.methods == {"svd": 59, "qr": 60}                  # QR says n, the SVD does not
+    assert v.smallest_kept is not None and v.details["margin"] < 1e-5
+    assert v.verdict == INCONCLUSIVE

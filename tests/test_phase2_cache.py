@@ -1,5 +1,6 @@
 """The cheap second phase: trunk features cached once at the switch give the losses of the path
-that recomputes the (frozen) trunk in every step (SPEC §3.3, ``cache_features``).
+that recomputes the (frozen) trunk in every step (``cache_features``; only the head trains in
+phase 2, [KS21] §4, [K22] §3.2.1).
 
 Both paths run the same frozen function — trunk in eval mode with the batch-norm statistics fixed
 at the switch, under ``no_grad`` — so they may differ only by the rounding of a batch of 1024
@@ -11,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from global_convergence.training import TrainConfig, loop, train
+from global_convergence.training import TrainConfig, build_run, feature_cache, phase2, train
 
 TOL = 1e-5
-BUILD_FEATURE_CACHE = loop.build_feature_cache
+BUILD_FEATURE_CACHE = feature_cache.build_feature_cache
 CASES = {
     "two-phase-mlp": dict(data="two-moons", model="mlp", method="two-phase", epochs=5, batch_size=20),
     "ee-mlp": dict(data="two-moons", model="mlp", method="ee", epochs=5, batch_size=20),
@@ -39,7 +40,7 @@ def run(options: dict, cache: bool, monkeypatch) -> tuple[list[dict], list]:
         built.append(result)
         return result
 
-    monkeypatch.setattr(loop, "build_feature_cache", spy)
+    monkeypatch.setattr(phase2, "build_feature_cache", spy)
     rows = []
 
     def record(event):
@@ -70,10 +71,9 @@ def test_cached_and_uncached_second_phases_give_the_same_losses(case, monkeypatc
 def test_the_cache_holds_the_frozen_trunk_of_every_training_and_test_input(case, monkeypatch):
     """Cached features are the fixed function of each input (eval-mode trunk) on the whole split,
     whatever the chunking."""
-    monkeypatch.setattr(loop, "EVAL_CHUNK", 7)
-    run_ = loop.build_run(TrainConfig(**CASES[case]))
+    run_ = build_run(TrainConfig(**CASES[case]), eval_chunk=7)
     run_.model.freeze_trunk()
-    cache = loop.build_feature_cache(run_)
+    cache = feature_cache.build_feature_cache(run_)
     assert cache.train.shape[0] == run_.dataset.n and not cache.train.requires_grad
     assert (cache.test is None) == (run_.x_test is None)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_the_cache_holds_the_frozen_trunk_of_every_training_and_test_input(case,
 
 def test_augmented_runs_keep_the_trunk_forward_only(monkeypatch):
     """With augmentation every step sees new inputs, so nothing is cached."""
-    run_ = loop.build_run(TrainConfig(data="digits", n=20, model="lenet", method="ee", epochs=2,
+    run_ = build_run(TrainConfig(data="digits", n=20, model="lenet", method="ee", epochs=2,
                                       batch_size=10, augment=True))
     run_.model.freeze_trunk()
-    assert loop.build_feature_cache(run_) is None
+    assert feature_cache.build_feature_cache(run_) is None

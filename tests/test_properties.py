@@ -6,8 +6,8 @@ gradient, and stay frozen across a ``state_dict`` round trip.
 
 Command line: random combinations of (valid and invalid) ``gconv train`` options never leave a
 half-written output folder: a refused run (exit 2) creates nothing; a finished run (exit 0) leaves
-every SPEC §7 output and no temporary file; a run stopped by a non-finite loss (exit 3) leaves at
-most a loadable checkpoint with finite parameters.
+every output of a run (docs/design.md) and no temporary file; a run stopped by a non-finite loss
+(exit 3) leaves at most a loadable checkpoint with finite parameters.
 """
 from __future__ import annotations
 

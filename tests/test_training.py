@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from global_convergence.errors import NumericalError, UserInputError
-from global_convergence.training import loop
+from global_convergence.training import loop, switch
 from global_convergence.training import (CHECKPOINT_NAME, TrainConfig, build_run, load_checkpoint,
                                          train)
 
@@ -159,16 +159,21 @@ def test_exploit_lr_auto_takes_the_certificates_step_and_earns_the_bound(method)
     for _ in range(config.tau):
         loop.train_step(run)
         run.step += 1
-    loop._on_switch(run, None)
+    switch.on_switch(run, None)
     certificate = run.certificate
     assert certificate["step_used"] == certificate["step_max"] != config.lr
     assert [g["lr"] for g in run.wrapper.active_optimizer.param_groups] == \
         [certificate["step_max"]]
     assert "step_at_most_1_over_L" not in certificate["bound_withheld_because"]
-    fixed = build_run(tiny(method=method, exploit_lr=0.125, data="two-moons"))
-    fixed.certificate = None
-    loop.set_exploit_step(fixed)
-    assert fixed.wrapper.active_optimizer.param_groups[0]["lr"] == 0.125
+    fixed = build_run(tiny(method=method, exploit_lr=0.125, data="two-moons", certificate="off"))
+    loop.attach_train_module(fixed)
+    for _ in range(config.tau):
+        assert fixed.wrapper.active_optimizer.param_groups[0]["lr"] == fixed.config.lr
+        loop.train_step(fixed)
+        fixed.step += 1
+    switch.on_switch(fixed, None)
+    assert fixed.certificate is None and fixed.wrapper.certificate is None
+    assert [g["lr"] for g in fixed.wrapper.active_optimizer.param_groups] == [0.125]
 
 
 def test_the_certificate_tries_float32_only_on_cached_features():
@@ -187,9 +192,9 @@ def test_auto_precision_tries_float32_on_the_cpu_only():
     from global_convergence.training.distributed import DistContext
     features = torch.zeros(3, 2)
     on = {kind: SimpleNamespace(ctx=DistContext(0, 1, torch.device(kind))) for kind in ("cpu", "cuda")}
-    assert loop._float32_attempt_pays(on["cpu"], features)
-    assert not loop._float32_attempt_pays(on["cpu"], None)
-    assert not loop._float32_attempt_pays(on["cuda"], features)       # the device is not touched
+    assert switch.float32_attempt_pays(on["cpu"], features)
+    assert not switch.float32_attempt_pays(on["cpu"], None)
+    assert not switch.float32_attempt_pays(on["cuda"], features)       # the device is not touched
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -334,7 +339,7 @@ def test_compile_trains_both_phases_compiled_with_the_eager_losses():
     for _ in range(4):
         loop.train_step(run)
         run.step += 1
-    loop._on_switch(run, None)
+    switch.on_switch(run, None)
     assert run.phase == 2 and run.train_module._orig_mod is run.model.head   # and in phase 2
     compiled = train(tiny(**options, compile=True), None, progress=False)
     assert compiled["switch_step"] == eager["switch_step"] == 4
@@ -355,3 +360,23 @@ def test_numpy_values_a_callback_logs_are_checkpointed_as_plain_numbers(tmp_path
     assert [r["tensor_value"] for r in rows] == [r["step"] for r in rows]
     assert train(config, tmp_path, progress=False, resume=True,
                  callbacks=[add_columns])["completed"] is True
+
+
+def test_certificate_off_skips_it_and_a_resumed_run_may_not_change_it(tmp_path):
+    """``certificate="off"``: no certificate at the switch (``null`` in summary.json), the same
+    training otherwise; the mode is part of the run's configuration."""
+    options = dict(method="two-phase", data="two-moons", track_alignment_every=None)
+    made = train(tiny(**options), None, progress=False)
+    off = train(tiny(**options, certificate="off"), tmp_path, progress=False, stop_after=8)
+    assert made["config"]["certificate"] == "auto" and made["certificate"]["condition"]["verdict"]
+    assert off["config"]["certificate"] == "off" and off["certificate"] is None
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["certificate"] is None and state["wrapper"]["certificate"] is None
+    with pytest.raises(UserInputError, match=r"differ from the checkpoint's \(certificate: 'off' -> 'auto'\)"):
+        train(tiny(**options), tmp_path, progress=False, resume=True)
+    resumed = train(tiny(**options, certificate="off"), tmp_path, progress=False, resume=True)
+    assert resumed["certificate"] is None and resumed["train_loss"] == made["train_loss"]
+    with pytest.raises(UserInputError, match="--certificate off makes none"):
+        tiny(**options, certificate="off", exploit_lr="auto").validate()
+    with pytest.raises(UserInputError, match="unknown --certificate 'some'"):
+        tiny(certificate="some").validate()

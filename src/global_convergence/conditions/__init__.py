@@ -1,4 +1,4 @@
-"""Verifiers of the conditions the guarantees rest on (SPEC §3, §4), as verdict objects.
+"""Verifiers of the conditions the guarantees rest on ([KS21] §3, [K22] §3; docs/verifiers.md), as verdict objects.
 
 * :func:`expressivity` — [KS21] Assumption 1, ``rank([h_X, 1_n]) = n``.
 * :func:`safe_exploration` — [K22] Assumption 10, ``rank ϕ(q, θ(1:H−2)) = n`` per output.

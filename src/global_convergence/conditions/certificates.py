@@ -1,5 +1,5 @@
 """Convergence certificates for a run, evaluated on the actual state right after the switch
-(SPEC §4 "Certificates").
+(docs/verifiers.md "Certificates").
 
 A certificate holds the condition checked on that state (expressivity for two-phase, safe
 exploration for every output for EE), the computable constants, the step they allow, the step
@@ -20,21 +20,19 @@ L-BFGS or another optimizer void them.
 """
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import NumericalError, UserInputError
 from ..linalg import Verdict
 from ..losses import Loss
 from ..models import non_analytic_modules
+from .certified import AUTO_BUDGET_FLOPS, certified_features, require_mode
+from .expressivity import check_flops as expressivity_check_flops
 from .expressivity import expressivity_of_features
-from .features import (FEATURE_CHUNK, relative_row_error, require_ee, require_split,
-                       sample_index, trunk_features)
+from .features import FEATURE_CHUNK, require_ee, require_split
+from .safe_exploration import check_flops as safe_check_flops
 from .safe_exploration import gate_matrices, gate_values, safe_exploration_of_inputs
 
 GRADIENT_DESCENT_NAMES = ("sgd", "gd", "gradient_descent", "gradient-descent")
@@ -51,21 +49,28 @@ def two_phase_certificate(model: nn.Module, x: Tensor, loss: Loss, *, full_batch
                           momentum: float, weight_decay: float, optimizer_name: str,
                           lr_used: float | None, analytic: bool | None = None,
                           chunk_size: int = FEATURE_CHUNK, features: Tensor | None = None,
-                          precision: str = "auto") -> dict[str, Any]:
+                          precision: str = "auto", mode: str = "auto",
+                          budget_flops: float = AUTO_BUDGET_FLOPS) -> dict[str, Any]:
     """The certificate of [KS21] Theorem 1(i) for a two-phase model right after the switch.
 
     ``analytic=None`` checks the model with :func:`~global_convergence.non_analytic_modules`.
     ``lr_used=None`` means the step ``1/L_H`` itself. ``features`` (e.g. the run's float32
-    feature cache) and ``precision`` as in :func:`certified_features`. Returns ``{"theorem",
+    feature cache), ``precision``, ``mode`` (``"auto"``: cheap routes first and the expensive
+    fallback within ``budget_flops``, else *inconclusive* naming ``gconv verify --checkpoint``;
+    ``"full"``: decide whatever it costs) as in :func:`~.certified.certified_features`.
+    Returns ``{"theorem",
     "condition", "constants", "step_max", "step_used", "assumptions", "bound",
     "bound_withheld_because"}``.
     """
+    require_mode(mode, precision)
     model = require_split(model, "two_phase_certificate")
 
-    def check(h: Tensor, error: float | None) -> Verdict:
-        return expressivity_of_features(h, feature_error=error)
+    def check(h: Tensor, error: float | None, fallback: float | None) -> Verdict:
+        return expressivity_of_features(h, feature_error=error, fallback_flops=fallback)
 
-    h, verdict = certified_features(model, x, check, features, precision, chunk_size)
+    h, verdict = certified_features(model, x, check, features, precision, chunk_size, mode=mode,
+                                    budget_flops=budget_flops, condition="expressivity",
+                                    check_flops=lambda n, m: expressivity_check_flops(n, m + 1))
     l_h = loss.smoothness / h.shape[0] * float((h.pow(2).sum(dim=1) + 1.0).sum())
     constants = {"L_loss": loss.smoothness, "L_H": l_h}
     bound = {"theorem": "[KS21] Theorem 1(i)", "formula": TWO_PHASE_FORMULA,
@@ -80,18 +85,26 @@ def ee_certificate(model: nn.Module, x: Tensor, loss: Loss, *, full_batch: bool,
                    momentum: float, weight_decay: float, optimizer_name: str,
                    lr_used: float | None, analytic: bool | None = None,
                    chunk_size: int = FEATURE_CHUNK, features: Tensor | None = None,
-                   precision: str = "auto") -> dict[str, Any]:
+                   precision: str = "auto", mode: str = "auto",
+                   budget_flops: float = AUTO_BUDGET_FLOPS) -> dict[str, Any]:
     """The certificate of [K22] Theorem 5 (gradient descent) for an EE model right after the
     switch: safe exploration with ``q = R(j)`` for every output, ``L̂`` and the step ``1/L̂``
-    (``lr_used=None`` means that step). ``features`` and ``precision`` as in
-    :func:`certified_features`."""
+    (``lr_used=None`` means that step). ``features``, ``precision``, ``mode`` and
+    ``budget_flops`` as in :func:`two_phase_certificate`."""
+    require_mode(mode, precision)
     model = require_ee(model, "ee_certificate")
     head = model.head
 
-    def check(z_bar: Tensor, error: float | None) -> Verdict:
-        return safe_exploration_of_inputs(head, head.augmented_input(z_bar), feature_error=error)
+    def check(z_bar: Tensor, error: float | None, fallback: float | None) -> Verdict:
+        return safe_exploration_of_inputs(head, head.augmented_input(z_bar), feature_error=error,
+                                          fallback_flops=fallback,
+                                          stop_unless_verified=error is not None)
 
-    z_bar, verdict = certified_features(model, x, check, features, precision, chunk_size)
+    z_bar, verdict = certified_features(model, x, check, features, precision, chunk_size,
+                                        mode=mode, budget_flops=budget_flops,
+                                        condition="safe-exploration",
+                                        check_flops=lambda n, m: safe_check_flops(n, head.width,
+                                                                                  m + 1))
     z = head.augmented_input(z_bar)
     l_hat = loss.smoothness * float(ee_row_bounds(model, z).pow(2).sum()) / z.shape[0]
     constants = {"L_loss": loss.smoothness, "L_hat": l_hat}
@@ -101,97 +114,6 @@ def ee_certificate(model: nn.Module, x: Tensor, loss: Loss, *, full_batch: bool,
                           "max(L, eps_bar) (unknown)"}
     return _certificate("ee", "[K22] Theorem 5", verdict, constants, l_hat, bound, model,
                         analytic, full_batch, momentum, weight_decay, optimizer_name, lr_used)
-
-
-CERTIFICATE_PRECISIONS = ("auto", "float64")
-
-
-def certified_features(model: nn.Module, x: Tensor,
-                       check: Callable[[Tensor, float | None], Verdict],
-                       features: Tensor | None, precision: str,
-                       chunk_size: int = FEATURE_CHUNK) -> tuple[Tensor, Verdict]:
-    """Trunk features of ``x`` (float64) and the verdict ``check(features, feature_error)``.
-
-    ``precision="float64"``: features from a float64 copy of the trunk (SPEC §4).
-    ``"auto"``: first the float32 features — ``features`` if given (the run's cache), else one
-    float32 pass — with their error measured against float64 on a sample
-    (:func:`~.features.relative_row_error`) counted as a noise floor in the tolerance; only
-    a *verified* verdict is accepted from them. Anything else is decided again on float64
-    features, so ``"auto"`` can save the float64 pass but never changes a verdict into
-    *verified* that float64 would not give. The constants (``L_H``, ``L̂``) are then computed
-    on the features the verdict used (relative error below ``feature_error``).
-    """
-    if precision not in CERTIFICATE_PRECISIONS:
-        raise UserInputError(f"certificate precision must be one of "
-                             f"{', '.join(CERTIFICATE_PRECISIONS)}, got {precision!r}")
-    if precision == "float64":
-        exact, seconds = trunk_features(model, x, torch.float64, chunk_size)
-        _require_finite_features(exact)
-        return exact, _checked(check, exact, None, seconds, "float64")
-    start = time.perf_counter()
-    if features is None:
-        features, _ = trunk_features(model, x, torch.float32, chunk_size)
-    index = sample_index(x.shape[0])
-    sample, _ = trunk_features(model, x[index.to(x.device)], torch.float64, chunk_size)
-    error = relative_row_error(features[index.to(features.device)], sample)
-    cast = features.flatten(1).to(sample.device, torch.float64, copy=True)
-    if bool(torch.isfinite(cast).all()) and math.isfinite(error.bound):
-        verdict = _checked(check, cast, error.bound, time.perf_counter() - start, "float32")
-        verdict.details["feature_error"] = error.to_dict()
-        if verdict.verified:
-            return cast, verdict
-        attempt = {"verdict": verdict.verdict, "smallest_kept": verdict.smallest_kept,
-                   "tolerance": verdict.tolerance, "feature_error": error.to_dict()}
-        note = (f"float32 features gave '{attempt['verdict']}' with their noise floor counted; "
-                "decided again on float64 features")
-    else:
-        attempt = {"verdict": None, "feature_error": error.to_dict()}
-        note = "float32 features overflowed (inf/NaN); decided on float64 features"
-    start = time.perf_counter()
-    exact = _overwrite_in_float64(model, x, cast, index, sample, chunk_size)
-    _require_finite_features(exact)
-    verdict = _checked(check, exact, None, time.perf_counter() - start, "float64")
-    verdict.details["float32_attempt"] = attempt
-    verdict.details.setdefault("notes", []).append(note)
-    return exact, verdict
-
-
-def _require_finite_features(features: Tensor) -> None:
-    """The certificate's conditions are ranks of these features: refuse inf/NaN, which a finite
-    but huge network (a diverged run) produces, with the count of rows hit."""
-    finite = torch.isfinite(features).flatten(1).all(dim=1)
-    if not bool(finite.all()):
-        raise NumericalError(f"the trunk features are not finite in float64 for "
-                             f"{int((~finite).sum())} of {features.shape[0]} inputs: the "
-                             "parameters are finite but the forward pass overflows, so no "
-                             "condition can be checked")
-
-
-def _overwrite_in_float64(model: nn.Module, x: Tensor, features: Tensor, index: Tensor,
-                          sample: Tensor, chunk_size: int) -> Tensor:
-    """``features`` (float64, cast from float32) overwritten in place with float64 features:
-    the already recomputed rows ``index`` from ``sample``, the others in groups of
-    ``RECOMPUTE_GROUP`` chunks (one float64 copy of the trunk per group, no second n × m array)."""
-    features[index.to(features.device)] = sample
-    rest = torch.ones(x.shape[0], dtype=torch.bool)
-    rest[index] = False
-    others = rest.nonzero().squeeze(1)
-    for group in torch.split(others, RECOMPUTE_GROUP * chunk_size) if len(others) else ():
-        features[group.to(features.device)], _ = trunk_features(
-            model, x[group.to(x.device)], torch.float64, chunk_size)
-    return features
-
-
-RECOMPUTE_GROUP = 8
-"""Chunks of rows recomputed per float64 copy of the trunk in the certificate's fallback."""
-
-
-def _checked(check: Callable[[Tensor, float | None], Verdict], features: Tensor,
-             error: float | None, seconds: float, precision: str) -> Verdict:
-    verdict = check(features, error)
-    verdict.seconds["features"] = seconds
-    verdict.details["feature_precision"] = precision
-    return verdict
 
 
 def ee_row_bounds(model: nn.Module, z: Tensor) -> Tensor:

@@ -1,8 +1,8 @@
-"""Feature maps the conditions are evaluated on, computed on a high-precision copy (SPEC §4).
+"""Feature maps the conditions are evaluated on, computed on a high-precision copy (docs/verifiers.md).
 
 Features are computed with a deep copy of the caller's trunk converted to ``dtype`` (float64 by
 default) in eval mode — batch norm with its running statistics, i.e. the fixed function of each
-input that the second phase uses (SPEC §3.3) — without gradients and in chunks of samples. The
+input that the second phase uses ([K22] §3.2; docs/design.md "batch norm in phase 2") — without gradients and in chunks of samples. The
 caller's model is never modified (no mode switch, no dtype change, no statistics update).
 """
 from __future__ import annotations

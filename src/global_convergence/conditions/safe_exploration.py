@@ -26,6 +26,8 @@ from ..errors import UserInputError
 from ..linalg import (FACTOR_MEMORY_BUDGET, INCONCLUSIVE, NOT_VERIFIED, RANK_BAND, VERIFIED,
                       KhatriRaoFactor, Verdict, factor_rank_verdict)
 from ..models.heads import GatedHead
+from .batchnorm import with_recomputed_batchnorm
+from .certified import certified_features
 from .features import FEATURE_CHUNK, require_ee, trunk_features
 
 SHARED = "shared"
@@ -93,7 +95,8 @@ def gated_inputs(model: nn.Module, x: Tensor, dtype: torch.dtype = torch.float64
 
 
 def safe_exploration(model: nn.Module, x: Tensor, *, q: Tensor | str | None = None,
-                     seed: int = 0, dtype: torch.dtype = torch.float64,
+                     seed: int = 0, dtype: torch.dtype | None = None, precision: str = "auto",
+                     recompute_batchnorm: bool = True,
                      chunk_size: int = FEATURE_CHUNK, tol: float | None = None,
                      band: float = RANK_BAND, cross_check: bool = False,
                      factor_memory_budget: int = FACTOR_MEMORY_BUDGET,
@@ -101,18 +104,39 @@ def safe_exploration(model: nn.Module, x: Tensor, *, q: Tensor | str | None = No
     """[K22] Assumption 10: ``rank ϕ(q_j, θ(1:H−2)) = n`` for every output ``j``.
 
     ``model`` comes from :func:`~global_convergence.ee_model`; ``q`` as in :func:`gate_matrices`
-    (default: the model's state, per output). Features in ``dtype`` (float64, SPEC §4) from a copy
-    of the trunk; ranks decided by the Gram certificate, falling back to SVD and pivoted QR of
-    ``ϕ`` (``cross_check=True`` runs them always, the paper's two methods) within
-    ``factor_memory_budget`` bytes. *verified* only if every output is; ``details["per_output"]``
-    has each output's figures. Shape ``[n, m_H·m_{H−1}]``.
+    (default: the model's state, per output). ``recompute_batchnorm=True`` (a check at
+    initialisation) first recomputes the trunk's batch-norm statistics over ``x`` on a copy
+    (:func:`~.batchnorm.with_recomputed_batchnorm`); ``False`` keeps the model's;
+    ``details["batchnorm"]`` says which. ``precision="auto"``: float32 features with their
+    measured noise floor, accepted only when every output verifies, else float64
+    (:func:`~.certified.certified_features`); ``"float64"``; ``dtype`` (old keyword) forces
+    that dtype. Ranks decided by the Gram certificate, falling back to SVD and pivoted QR of
+    ``ϕ`` (``cross_check=True`` runs them always, the paper's two methods, on float64
+    features) within ``factor_memory_budget`` bytes. *verified* only if every output is;
+    ``details["per_output"]`` has each output's figures. Shape ``[n, m_H·m_{H−1}]``.
     """
-    z, seconds = gated_inputs(model, x, dtype, chunk_size)
-    verdict = safe_exploration_of_inputs(model.head, z, q=q, seed=seed, tol=tol, band=band,
-                                         cross_check=cross_check,
-                                         factor_memory_budget=factor_memory_budget,
-                                         gram_memory_budget=gram_memory_budget)
-    verdict.seconds["features"] = seconds
+    model = require_ee(model, "safe_exploration")
+    model, statistics = with_recomputed_batchnorm(model, x, recompute=recompute_batchnorm,
+                                                  batch_size=chunk_size)
+    head = model.head
+
+    def check(z_bar: Tensor, error: float | None, fallback: float | None) -> Verdict:
+        return safe_exploration_of_inputs(
+            head, head.augmented_input(z_bar), q=q, seed=seed, tol=tol, band=band,
+            cross_check=cross_check, factor_memory_budget=factor_memory_budget,
+            gram_memory_budget=gram_memory_budget, feature_error=error,
+            fallback_flops=fallback, stop_unless_verified=error is not None)
+
+    if dtype is not None:
+        z_bar, seconds = trunk_features(model, x, dtype, chunk_size)
+        verdict = check(z_bar, None, None)
+        verdict.seconds["features"] = seconds
+    else:
+        _, verdict = certified_features(model, x, check, None,
+                                        "float64" if cross_check else precision, chunk_size,
+                                        mode="full", condition="safe-exploration",
+                                        check_flops=lambda n, m: check_flops(n, head.width, m + 1))
+    verdict.details["batchnorm"] = statistics
     return verdict
 
 
@@ -121,27 +145,58 @@ def safe_exploration_of_inputs(head: GatedHead, z: Tensor, *, q: Tensor | str | 
                                cross_check: bool = False,
                                factor_memory_budget: int = FACTOR_MEMORY_BUDGET,
                                gram_memory_budget: int | None = None,
-                               feature_error: float | None = None) -> Verdict:
+                               feature_error: float | None = None,
+                               fallback_flops: float | None = None,
+                               stop_unless_verified: bool = False) -> Verdict:
     """Assumption 10 for given head inputs ``Z = [z̄, 1]`` (n × m_{H−1}); ``feature_error`` as
-    in :func:`noise_floor` raises each output's tolerance to that floor."""
+    in :func:`noise_floor` raises each output's tolerance to that floor; ``fallback_flops`` caps
+    each output's factor route (:func:`~global_convergence.linalg.factor_rank_verdict`).
+    ``stop_unless_verified=True`` stops at the first output that is not *verified* (an attempt
+    whose only useful answer is *verified* for all outputs); ``details["outputs_checked"]``
+    counts the outputs decided."""
     start = time.perf_counter()
     gates, source = gate_matrices(head, q, seed, z.dtype, z.device)
+    zz = shared_inner_products(z, len(gates))
     results = []
     for label, qj in gates:
         s = gate_values(z, qj, head.gate_sharpness)
         floor = 0.0 if feature_error is None else noise_floor(z, s, qj, head.gate_sharpness,
                                                               feature_error)
-        verdict = factor_rank_verdict(KhatriRaoFactor(s, z), condition="safe-exploration",
+        verdict = factor_rank_verdict(KhatriRaoFactor(s, z, zz), condition="safe-exploration",
                                       tol=tol, band=band, cross_check=cross_check,
                                       factor_memory_budget=factor_memory_budget,
                                       gram_memory_budget=gram_memory_budget, seed=seed,
-                                      noise_floor=floor)
+                                      noise_floor=floor, fallback_flops=fallback_flops)
         results.append((label, verdict))
+        if stop_unless_verified and not verdict.verified:
+            break
     combined = combine_outputs(results)
+    combined.details["outputs_checked"] = f"{len(results)} of {len(gates)}"
     combined.details["q"] = source
     combined.details["assumption"] = "[K22] Assumption 10: rank ϕ(q, θ(1:H-2)) = n"
     combined.seconds["rank"] = time.perf_counter() - start
     return combined
+
+
+def check_flops(rows: int, gates: int, inputs: int) -> float:
+    """About the flops of one output's check: forming ``(S Sᵀ) ⊙ (Z Zᵀ)`` (``2n²(m_H +
+    m_{H−1})``) and its Cholesky (``n³/3``)."""
+    return 2.0 * rows * rows * (gates + inputs) + rows ** 3 / 3.0
+
+
+SHARED_GRAM_BYTES = 2**30
+"""``Z Zᵀ`` is formed once for all outputs when it takes at most this much memory (n ≤ 11,585 in
+float64); beyond it each output's Gram blocks recompute their part."""
+
+
+def shared_inner_products(z: Tensor, outputs: int,
+                          max_bytes: int = SHARED_GRAM_BYTES) -> Tensor | None:
+    """``Z Zᵀ``, shared by the Gram matrices ``(S_j S_jᵀ) ⊙ (Z Zᵀ)`` of every output ``j``
+    ([K22] §3.3.1), when there are several outputs and it fits ``max_bytes``; else None."""
+    n = z.shape[0]
+    if outputs < 2 or n * n * z.element_size() > max_bytes:
+        return None
+    return z @ z.T
 
 
 def noise_floor(z: Tensor, s: Tensor, q: Tensor, sharpness: float, feature_error: float) -> float:

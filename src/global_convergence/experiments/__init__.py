@@ -18,7 +18,7 @@ from types import ModuleType
 from ..errors import UserInputError
 from . import (aaai_table1, aaai_table2, neco_fig1a, neco_fig1bc, neco_fig2, neco_table1,
                neco_table2, neco_table3_5)
-from .common import Context
+from .subruns import Context
 
 EXPERIMENTS: dict[str, ModuleType] = {
     "neco-fig1a": neco_fig1a,

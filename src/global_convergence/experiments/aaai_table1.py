@@ -13,10 +13,13 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import (SMALL_DIGITS, STAND_INS, Context, Job, Report, SGDRecipe, as_dict,
-                     beside_paper, cached_result, data_arg, data_note, display, fmt_mean_std,
-                     group, image_config, loss_curve_panels, md_table, paper_row, plot_panels,
-                     require_datasets, run_jobs, run_record, test_errors, write_results)
+from .figures import loss_curve_panels, plot_panels
+from .recipes import SGDRecipe, image_config
+from .report import (Report, as_dict, beside_paper, fmt_mean_std, group, md_table, run_record,
+                     test_errors, write_results)
+from .standins import (SMALL_DIGITS, STAND_INS, data_arg, data_note, display, paper_row,
+                       require_datasets)
+from .subruns import Context, Job, cached_result, run_jobs
 from .verify import verify
 
 TITLE = "[KS21] Table 1 and Figure 2: base vs A(base) with guarantee, PreAct-ResNet-18"

@@ -10,9 +10,11 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import (SMALL_DIGITS, Context, Job, Report, SGDRecipe, as_dict, data_note, display,
-                     fmt_mean_std, group, image_config, md_table, mean_std, paper_pair, paper_row,
-                     require_datasets, run_jobs, run_record, test_errors, write_results)
+from .recipes import SGDRecipe, image_config
+from .report import (Report, as_dict, fmt_mean_std, group, md_table, mean_std, paper_pair,
+                     run_record, test_errors, write_results)
+from .standins import SMALL_DIGITS, data_note, display, paper_row, require_datasets
+from .subruns import Context, Job, run_jobs
 
 TITLE = "[KS21] Table 2: A(base) on KMNIST over τ0 and δ0"
 SOURCE = "Kawaguchi & Sun, AAAI 2021, §7.2, Table 2"

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import (COLORS, Context, Job, Panel, Report, Series, SubRun, as_dict, base_config,
-                     data_note, fmt_mean_std, fmt_sci, last_value, md_table, mean_std,
-                     ntk_callbacks, plot_panels, run_jobs, run_record, write_results)
+from .figures import COLORS, Panel, Series, plot_panels
+from .ntk_tracking import ntk_callbacks
+from .report import (Report, as_dict, fmt_mean_std, fmt_sci, last_value, md_table, mean_std,
+                     run_record, write_results)
+from .standins import data_note
+from .subruns import Context, Job, SubRun, base_config, run_jobs
 
 TITLE = "[K22] Figure 1a and Table 1a: alignment on the fully connected network"
 SOURCE = "Kawaguchi, Neural Computation 34(4) 2022, §2.2, Figure 1a, Table 1a"

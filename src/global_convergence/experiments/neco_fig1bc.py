@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import (BINARY_RULE, COLORS, Context, Job, Panel, Report, Series, SubRun, as_dict,
-                     base_config, binary_labels_file, data_note, fmt_pct, md_table, ntk_callbacks,
-                     paper_row, plot_panels, require_datasets, run_jobs, run_record, write_results)
+from .figures import COLORS, Panel, Series, plot_panels
+from .ntk_tracking import ntk_callbacks
+from .report import Report, as_dict, fmt_pct, md_table, run_record, write_results
+from .standins import BINARY_RULE, binary_labels_file, data_note, paper_row, require_datasets
+from .subruns import Context, Job, SubRun, base_config, run_jobs
 
 TITLE = "[K22] Figures 1b and 1c: alignment on LeNet (m_c ∈ {1, 2, 4})"
 SOURCE = "Kawaguchi, Neural Computation 34(4) 2022, §2.2, Figure 1b (Semeion), 1c (random)"

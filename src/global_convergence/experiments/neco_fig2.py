@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import (Context, Job, Panel, Report, Series, SubRun, as_dict, base_config,
-                     fmt_mean_std, fmt_sci, last_value, md_table, mean_std, ntk_callbacks,
-                     plot_panels, run_jobs, run_record, write_results)
+from .figures import Panel, Series, plot_panels
+from .ntk_tracking import ntk_callbacks
+from .report import (Report, as_dict, fmt_mean_std, fmt_sci, last_value, md_table, mean_std,
+                     run_record, write_results)
+from .subruns import Context, Job, SubRun, base_config, run_jobs
 
 TITLE = "[K22] Figures 2 and 3: EE wrapper of GD on the sine wave"
 SOURCE = "Kawaguchi, Neural Computation 34(4) 2022, §3.4.1, Figures 2 and 3"

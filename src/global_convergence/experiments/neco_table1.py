@@ -11,8 +11,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import neco_fig1a, neco_fig1bc
-from .common import (Context, Report, SubRun, as_dict, data_note, fmt_pct, fmt_sci, last_value,
-                     md_table, mean_std, paper_row, run_record, settings_table, write_results)
+from .report import (Report, as_dict, fmt_pct, fmt_sci, last_value, md_table, mean_std, run_record,
+                     settings_table, write_results)
+from .standins import data_note, paper_row
+from .subruns import Context, SubRun
 
 TITLE = "[K22] Table 1: change of the gradient representation ‖M(θ_T) − M(θ_0)‖_F²"
 SOURCE = "Kawaguchi, Neural Computation 34(4) 2022, §2.2, Table 1"

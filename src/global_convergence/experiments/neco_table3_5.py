@@ -18,11 +18,13 @@ import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .common import (SMALL_DIGITS, STAND_INS, Context, Job, Report, SGDRecipe, SubRun, as_dict,
-                     beside_paper, data_note, display, fmt_mean_std, fmt_sci, group, image_config,
-                     last_value, loss_curve_panels, md_table, mean_std, ntk_callbacks, paper_pair,
-                     plot_panels, require_datasets, run_jobs, run_record, test_errors, total_steps,
-                     training_inputs, write_results)
+from .figures import loss_curve_panels, plot_panels
+from .ntk_tracking import ntk_callbacks
+from .recipes import SGDRecipe, image_config
+from .report import (Report, as_dict, beside_paper, fmt_mean_std, fmt_sci, group, last_value,
+                     md_table, mean_std, paper_pair, run_record, test_errors, write_results)
+from .standins import SMALL_DIGITS, STAND_INS, data_note, display, require_datasets, training_inputs
+from .subruns import Context, Job, SubRun, run_jobs, total_steps
 
 TITLE = "[K22] Tables 3–6, Figure 4, lr study: ResNet-18, Standard vs A(Standard)"
 SOURCE = "Kawaguchi, Neural Computation 34(4) 2022, §3.4.2, Tables 3–6, Figure 4"

@@ -6,6 +6,12 @@ checkpoint of ``gconv train``.
 - safe exploration ([K22] Assumption 10) as the paper checked it: a He-initialised trunk and gate
   vectors ``q ~ N(0, 1)``; on a checkpoint, the actual state (``q = R(j)`` after the switch);
 - alignment ([K22] Definition 2) on the initial model, or the checkpoint's.
+
+At initialisation the trunk's batch-norm statistics are first recomputed over the inputs
+checked (``batchnorm="recompute"``, the fixed function the second phase would use;
+docs/verifiers.md "Batch norm at initialisation"); ``batchnorm="model"`` keeps the defaults. On a
+checkpoint the run's own statistics are used (after the switch they are the fixed ones). The
+JSON's ``batchnorm`` entry names the statistics used.
 """
 from __future__ import annotations
 
@@ -22,10 +28,17 @@ from ..training import TrainConfig, build_run, load_checkpoint
 
 def verify(condition: str, *, data: str, model: str, n: int | None = None, seed: int = 0,
            loss: str = "ce", width: int = 1, checkpoint: str | None = None,
-           data_root: str | None = None, device: str = "cpu"):
-    """The :class:`~global_convergence.linalg.Verdict` of ``condition``."""
+           data_root: str | None = None, device: str = "cpu", batchnorm: str = "recompute",
+           precision: str = "auto"):
+    """The :class:`~global_convergence.linalg.Verdict` of ``condition``; ``batchnorm`` is
+    ``"recompute"`` or ``"model"`` (checks at initialisation), ``precision`` ``"auto"`` (float32
+    features with their noise floor where they verify) or ``"float64"``."""
+    if batchnorm not in BATCHNORM_CHOICES:
+        raise UserInputError(f"batchnorm must be one of {', '.join(BATCHNORM_CHOICES)}, got "
+                             f"{batchnorm!r}")
     if checkpoint is not None:
-        return _verify_checkpoint(condition, checkpoint, device)
+        return _verify_checkpoint(condition, checkpoint, device, precision)
+    options = dict(recompute_batchnorm=batchnorm == "recompute", precision=precision)
     dataset = load_dataset(data, n=n, seed=seed, data_root=data_root, loss=loss)
     target_dim = dataset.y_train.shape[1] if dataset.y_train.is_floating_point() else None
     loss_fn = make_loss(loss, dataset.num_classes, target_dim)
@@ -34,18 +47,23 @@ def verify(condition: str, *, data: str, model: str, n: int | None = None, seed:
     x = dataset.x_train.to(device)
     with torch.no_grad():
         if condition == "expressivity":
-            return conditions.expressivity(two_phase_model(base, dataset.n).to(device), x)
+            return conditions.expressivity(two_phase_model(base, dataset.n).to(device), x,
+                                           **options)
         if condition == "safe-exploration":
             modified = ee_model(base, dataset.n)
             conditions.he_initialise(modified.trunk, seed)
-            return conditions.safe_exploration(modified.to(device), x, q="random", seed=seed)
+            return conditions.safe_exploration(modified.to(device), x, q="random", seed=seed,
+                                               **options)
     if condition == "alignment":
         return conditions.alignment(base.to(device), x, dataset.y_train.to(device), loss=loss_fn)
     raise UserInputError(f"unknown condition '{condition}'; expected expressivity, "
                          "safe-exploration or alignment")
 
 
-def _verify_checkpoint(condition: str, path: str, device: str):
+BATCHNORM_CHOICES = ("recompute", "model")
+
+
+def _verify_checkpoint(condition: str, path: str, device: str, precision: str):
     """Rebuild the run of a checkpoint, load its state and check ``condition`` on it."""
     state = load_checkpoint(path)
     config = TrainConfig.from_dict({**state["config"], "device": device})
@@ -58,8 +76,10 @@ def _verify_checkpoint(condition: str, path: str, device: str):
         if config.method != "two-phase":
             raise UserInputError(f"expressivity is the condition of two-phase runs; {path} is a "
                                  f"'{config.method}' run")
-        return conditions.expressivity(model, run.x)
+        return conditions.expressivity(model, run.x, recompute_batchnorm=False,
+                                       precision=precision)
     if config.method != "ee":
         raise UserInputError(f"safe-exploration is the condition of ee runs; {path} is a "
                              f"'{config.method}' run")
-    return conditions.safe_exploration(model, run.x)
+    return conditions.safe_exploration(model, run.x, recompute_batchnorm=False,
+                                       precision=precision)

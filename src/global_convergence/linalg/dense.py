@@ -67,17 +67,31 @@ def target_value(values: np.ndarray, target: int) -> float:
 
 def decide(target: int, methods: dict[str, int], deciding: float, tol: float,
            band: float = RANK_BAND) -> str:
-    """The verdict rule for "rank = target" (SPEC §4).
+    """The verdict rule for the question "rank = target" (docs/verifiers.md "What a verdict
+    decides").
 
-    *inconclusive* when the methods disagree, or when the deciding value — the ``target``-th
-    singular value, i.e. the smallest kept one if the rank reaches the target, the one that fell
-    short otherwise — lies within a factor ``band`` of ``tol``; else *verified* if the rank reaches
-    the target, *not-verified* if it does not.
+    *inconclusive* when that question is open: the methods disagree about whether the rank
+    reaches ``target`` (one finds it, another does not), or the deciding value — the
+    ``target``-th singular value — lies within a factor ``band`` of ``tol``. Otherwise
+    *verified* if every method's rank reaches the target, *not-verified* if none does — also
+    when their ranks differ below it (1229 vs 1231 of 4000 both answer "no").
     """
-    ranks = set(methods.values())
-    if len(ranks) != 1 or in_band(deciding, tol, band):
+    reaches = {rank >= target for rank in methods.values()}
+    if len(reaches) != 1 or in_band(deciding, tol, band):
         return INCONCLUSIVE
-    return VERIFIED if ranks.pop() >= target else NOT_VERIFIED
+    return VERIFIED if reaches.pop() else NOT_VERIFIED
+
+
+SPECTRUM_TAIL = 200
+"""Values kept in a verdict's ``spectrum`` for plots: σ_max and the smallest ones up to here."""
+
+
+def spectrum_tail(values: np.ndarray, kind: str, tail: int = SPECTRUM_TAIL) -> dict:
+    """``{"kind", "index", "values"}``: ``σ_1`` and the last ``tail`` values (1-based indices),
+    small enough for a verdict's JSON at any ``n``."""
+    values = np.asarray(values, dtype=np.float64)
+    keep = sorted({0, *range(max(0, values.size - tail), values.size)}) if values.size else []
+    return {"kind": kind, "index": [i + 1 for i in keep], "values": [float(values[i]) for i in keep]}
 
 
 def verdict_from_values(condition: str, target: int, shape: list[int], dtype: torch.dtype,
@@ -93,7 +107,8 @@ def verdict_from_values(condition: str, target: int, shape: list[int], dtype: to
                    rank=svd.rank, n=target, tolerance=tol, precision=precision_name(dtype),
                    smallest_kept=svd.smallest_kept, largest_dropped=svd.largest_dropped,
                    methods=methods, agree=len(set(methods.values())) == 1, shape=list(shape),
-                   details={"band": band, "margin": deciding / tol if tol > 0 else None})
+                   details={"band": band, "margin": deciding / tol if tol > 0 else None,
+                            "spectrum": spectrum_tail(svd_values, "singular values (SVD)")})
 
 
 def dense_rank_verdict(a: Tensor, target: int | None = None, *, condition: str = "rank",

@@ -125,7 +125,13 @@ class KhatriRaoFactor(RowFactor):
     """``ϕ`` with rows ``ϕ_i = s_i ⊗ z_i`` (column ``k·m_z + l`` is ``s_ik z_il``), from
     ``s`` (n × m_s) and ``z`` (n × m_z) — [K22]'s ``ϕ(q, θ(1:H−2))`` with ``s = σ̃(Z q)``."""
 
-    def __init__(self, s: Tensor, z: Tensor) -> None:
+    def __init__(self, s: Tensor, z: Tensor, zz: Tensor | None = None) -> None:
+        """``zz``: ``Z Zᵀ`` already formed (shared by the factors of several outputs with the same
+        ``Z``, [K22] §3.3.1), used for the Gram blocks instead of recomputing it."""
+        if zz is not None and tuple(zz.shape) != (z.shape[0], z.shape[0]):
+            raise ValueError(f"zz must be Z Zᵀ of shape {(z.shape[0], z.shape[0])}, got "
+                             f"{tuple(zz.shape)}")
+        self.zz = zz
         if s.dim() != 2 or z.dim() != 2 or s.shape[0] != z.shape[0]:
             raise ValueError(f"s and z must be matrices with the same number of rows, got "
                              f"{tuple(s.shape)} and {tuple(z.shape)}")
@@ -152,7 +158,10 @@ class KhatriRaoFactor(RowFactor):
         return self.s.pow(2).sum(dim=1) * self.z.pow(2).sum(dim=1)
 
     def _gram_rows(self, r: slice, c: slice, out: Tensor) -> None:
-        torch.matmul(self.z[r], self.z[c].T, out=out)
+        if self.zz is not None:
+            out.copy_(self.zz[r, c])
+        else:
+            torch.matmul(self.z[r], self.z[c].T, out=out)
         out.mul_(self.s[r] @ self.s[c].T)
 
     def gram_matvec(self, v: Tensor) -> Tensor:

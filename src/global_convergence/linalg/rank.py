@@ -1,4 +1,4 @@
-"""Full-row-rank decisions for factors too large to decompose casually (SPEC §4).
+"""Full-row-rank decisions for factors too large to decompose casually (docs/verifiers.md).
 
 :func:`factor_rank_verdict` decides ``rank(A) = target`` for a :class:`~.factors.RowFactor`:
 
@@ -26,10 +26,12 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from .cholesky import CHOLESKY_BLOCK, blocked_bytes, shifted_cholesky
+from .cholesky import (CHOLESKY_BLOCK, CholeskyFactor, CholeskyOutcome, blocked_bytes,
+                       shifted_cholesky)
 from .dense import (cut, decide, pivoted_qr_diagonal, require_finite, singular_values,
-                    target_value)
-from .factors import RowFactor
+                    spectrum_tail, target_value)
+from .factors import KhatriRaoFactor, RowFactor
+from .sketch import SketchBound, khatri_rao_sketch_bound, sketch_columns, sketch_flops
 from .spectrum import GramSpectrum
 from .tolerance import (CHOLESKY_SAFETY, RANK_BAND, cholesky_rounding_bound, gram_rounding_bound,
                         numpy_tolerance, precision_name)
@@ -55,6 +57,13 @@ TSQR_MIN_COLUMNS = 4096
 ones), memory permitting; otherwise ``rows`` columns."""
 SMALL_GRAM = 64
 """Below this many rows ``λ_max`` comes from a dense ``eigvalsh`` instead of Lanczos."""
+
+
+def factor_route_flops(rows: int, cols: int) -> float:
+    """Flops of the factor route: Householder QR of ``Aᵀ`` (``2·cols·rows² − 2 rows³/3``, TSQR
+    costs the same), then SVD and pivoted QR of the ``rows × rows`` ``R`` (about ``6 rows³``)."""
+    n, c = float(rows), float(cols)
+    return 2.0 * c * n * n - 2.0 * n ** 3 / 3.0 + 6.0 * n ** 3
 
 
 def available_bytes(device: torch.device) -> int:
@@ -110,8 +119,40 @@ def _cholesky_layout(factor: RowFactor, budget: int | None, block: int | None
     return ("blocked" if need <= limit else "too-large"), block, need
 
 
+def dense_gram_eigenvalue(gram: Tensor, seed: int = 0) -> float:
+    """``λ_max`` of a formed Gram matrix by Lanczos on ``G v`` (dense ``eigvalsh`` when small)."""
+    n = gram.shape[0]
+    if n <= SMALL_GRAM:
+        return float(torch.linalg.eigvalsh(gram)[-1]) if n else 0.0
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).to(gram.device, gram.dtype)
+        return (gram @ t.reshape(n)).double().cpu().numpy()
+
+    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    v0 = np.random.default_rng(seed).standard_normal(n)
+    try:
+        return float(scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=LANCZOS_TOL, v0=v0,
+                                               ncv=min(n - 1, LANCZOS_VECTORS),
+                                               return_eigenvectors=False)[0])
+    except scipy.sparse.linalg.ArpackNoConvergence:
+        return float(gram.diagonal().sum())
+
+
+def _dense_cholesky(gram: Tensor, shift: float) -> CholeskyOutcome:
+    """Cholesky of ``gram − shift·I``, overwriting ``gram`` (the dense layout of
+    :func:`.cholesky.shifted_cholesky`, for a Gram matrix already formed)."""
+    n = gram.shape[0]
+    gram.diagonal().sub_(shift)
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return CholeskyOutcome(None, int(info) - 1)
+    return CholeskyOutcome(CholeskyFactor([(0, lower)], n, shift), None)
+
+
 def _gram_certificate(factor: RowFactor, tol: float, band: float, budget: int | None,
-                      block: int | None, seed: int, details: dict[str, Any]) -> dict[str, Any]:
+                      block: int | None, seed: int, details: dict[str, Any],
+                      gram: Tensor | None = None) -> dict[str, Any]:
     """Try the shifted Cholesky certificate; record figures in ``details``.
 
     Returns ``{"certified": bool, "lower": √(certified λ_min bound), "estimate": σ_min estimate,
@@ -130,7 +171,10 @@ def _gram_certificate(factor: RowFactor, tol: float, band: float, budget: int | 
         details["notes"].append(f"the Gram factorisation needs {need / 2**30:.1f} GiB, more than "
                                 "allowed; use a machine (or GPU) with more memory")
         return result
-    outcome = shifted_cholesky(factor, shift, block)
+    if gram is not None and layout == "dense":
+        outcome = _dense_cholesky(gram, shift)
+    else:
+        outcome = shifted_cholesky(factor, shift, block)
     if not outcome.success:
         result["failed_at"] = outcome.failed_at
         details["cholesky_failed_at"] = outcome.failed_at
@@ -160,12 +204,53 @@ def _factor_values(factor: RowFactor, budget: int) -> tuple[np.ndarray, np.ndarr
     return singular_values(r), pivoted_qr_diagonal(r)
 
 
+def _bounded_factor_values(factor: RowFactor, memory: int, flops: float | None,
+                           details: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_factor_values` within ``memory`` bytes and ``flops`` (None: no cap); a note in
+    ``details`` says why it was skipped."""
+    cost = factor_route_flops(factor.rows, factor.cols)
+    if flops is not None and cost > flops:
+        details["factor_route_skipped"] = {"flops": cost, "flops_budget": flops}
+        details["notes"].append(f"the factor route (SVD and pivoted QR of the factor, {cost:.3g} "
+                                f"flops) is over the budget of {flops:.3g} flops; skipped")
+        return None
+    values = _factor_values(factor, memory)
+    if values is None:
+        details["notes"].append("the factor route (SVD and pivoted QR of the factor) needs "
+                                "more than factor_memory_budget; skipped")
+    return values
+
+
+def _try_sketch(factor: RowFactor, tol: float, band: float, memory: int, flops: float | None,
+                seed: int, details: dict[str, Any]) -> SketchBound | None:
+    """The Khatri–Rao sketch bound (:mod:`.sketch`) where ``factor`` is a Khatri–Rao product and
+    the sketch costs at most half the factor route, fits ``memory`` and ``flops``."""
+    if not isinstance(factor, KhatriRaoFactor):
+        return None
+    n, m_s, m_z = factor.rows, factor.s.shape[1], factor.z.shape[1]
+    k = sketch_columns(n)
+    cost = sketch_flops(n, m_s, m_z, k)
+    itemsize = torch.empty((), dtype=factor.dtype).element_size()
+    if cost > factor_route_flops(n, factor.cols) / 2 or (flops is not None and cost > flops) \
+            or (n * k + 2 * k * k + (m_s + m_z) * k) * itemsize > memory:
+        return None
+    bound = khatri_rao_sketch_bound(factor, k, seed)
+    details["sketch"] = {**bound.to_dict(), "flops": cost,
+                         "verified": bound.lower > band * tol}
+    details["sketch_lower_bounds"] = bound.lower_bounds
+    if bound.lower <= band * tol:
+        details["notes"].append(f"the Khatri–Rao sketch bound σ_n ≥ {bound.lower:.3g} does not "
+                                f"clear band·tol = {band * tol:.3g}")
+    return bound
+
+
 def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, condition: str = "rank",
                         tol: float | None = None, band: float = RANK_BAND,
                         cross_check: bool = False,
                         factor_memory_budget: int = FACTOR_MEMORY_BUDGET,
                         gram_memory_budget: int | None = None, block: int | None = None,
-                        seed: int = 0, noise_floor: float = 0.0) -> Verdict:
+                        seed: int = 0, noise_floor: float = 0.0,
+                        fallback_flops: float | None = None) -> Verdict:
     """Decide ``rank(A) = target`` (default: all rows) for ``A`` given as a row factor.
 
     ``tol`` defaults to ``σ_max · max(rows, cols) · ε`` (numpy's convention; ``σ_max`` by Lanczos
@@ -175,14 +260,21 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     bytes. ``gram_memory_budget`` caps the blocked factorisation (default: 90 % of free memory);
     ``block`` forces the blocked layout with that panel width. ``noise_floor`` (a bound on
     ``‖A − A_exact‖₂``) raises the tolerance to at least itself (Weyl's inequality), so that
-    rounding in how ``A`` was computed cannot fake or hide a singular value.
+    rounding in how ``A`` was computed cannot fake or hide a singular value. ``fallback_flops``
+    caps the factor route's cost (:func:`factor_route_flops`; ``None``: no cap, ``0``: never):
+    over it the route is skipped and the note says what it would have cost.
     """
     start = time.perf_counter()
     n, cols, dtype = factor.rows, factor.cols, factor.dtype
     # one inf/NaN entry (or an overflowing row) makes its row's squared norm non-finite
     require_finite(factor.row_norms_sq(), condition, "the matrix's squared row norms")
     target = n if target is None else int(target)
-    sigma_max = math.sqrt(max(largest_gram_eigenvalue(factor, seed), 0.0))
+    certify = target == n and cols >= n and n > 0
+    gram = None
+    if certify and _cholesky_layout(factor, gram_memory_budget, block)[0] == "dense":
+        gram = factor.gram()               # formed once: λ_max from it, then factorised
+    sigma_max = math.sqrt(max(dense_gram_eigenvalue(gram, seed) if gram is not None
+                              else largest_gram_eigenvalue(factor, seed), 0.0))
     tol = numpy_tolerance(sigma_max, factor.shape, dtype) if tol is None else float(tol)
     tol = max(tol, float(noise_floor))
     details: dict[str, Any] = {"band": band, "sigma_max": sigma_max, "notes": []}
@@ -191,18 +283,26 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     methods: dict[str, int] = {}
     route: list[str] = []
     cert = None
-    if target == n and cols >= n and n > 0:
+    if certify:
         route.append("gram-cholesky")
-        cert = _gram_certificate(factor, tol, band, gram_memory_budget, block, seed, details)
+        cert = _gram_certificate(factor, tol, band, gram_memory_budget, block, seed, details,
+                                 gram)
+        del gram
         if cert["certified"]:
             methods["cholesky"] = n
+    if certify and not cert["certified"]:
+        sketch = _try_sketch(factor, tol, band, factor_memory_budget, fallback_flops, seed,
+                             details)
+        if sketch is not None:
+            route.append("khatri-rao-sketch")
+            if sketch.lower > band * tol:
+                methods["sketch"] = n
+                cert = {"certified": True, "lower": sketch.lower, "estimate": None,
+                        "failed_at": None, "sketch": sketch}
     values = None
     if cross_check or cert is None or not cert["certified"]:
-        values = _factor_values(factor, factor_memory_budget)
-        if values is None:
-            details["notes"].append("the factor route (SVD and pivoted QR of the factor) needs "
-                                    "more than factor_memory_budget; skipped")
-        else:
+        values = _bounded_factor_values(factor, factor_memory_budget, fallback_flops, details)
+        if values is not None:
             route.append("factor-svd-qr")
             methods["svd"] = cut(values[0], tol).rank
             methods["qr"] = cut(values[1], tol).rank
@@ -217,17 +317,31 @@ def _assemble(condition: str, target: int, factor: RowFactor, dtype: torch.dtype
               band: float, methods: dict[str, int], values: tuple[np.ndarray, np.ndarray] | None,
               cert: dict[str, Any] | None, details: dict[str, Any]) -> Verdict:
     """Combine the methods' results into one verdict (see the module docstring)."""
+    bounds = details.pop("sketch_lower_bounds", None)
     common = dict(condition=condition, n=target, tolerance=tol, precision=precision_name(dtype),
                   shape=factor.shape, details=details)
     if values is not None:
         svd = cut(values[0], tol)
         deciding = target_value(values[0], target)
         details["margin"] = deciding / tol if tol > 0 else None
+        details["spectrum"] = spectrum_tail(values[0], "singular values (SVD of the factor)")
         return Verdict(verdict=decide(target, methods, deciding, tol, band), rank=svd.rank,
                        smallest_kept=svd.smallest_kept, largest_dropped=svd.largest_dropped,
                        methods=methods, agree=len(set(methods.values())) == 1, **common)
+    if cert is not None and cert.get("sketch") is not None:
+        details["margin"] = cert["lower"] / tol if tol > 0 else None
+        details["spectrum"] = {**spectrum_tail(bounds, "certified lower bounds σ_i(ϕΩ)/‖Ω‖₂ "
+                                                       "(Khatri–Rao sketch)"),
+                               "certified": True}
+        return Verdict(verdict=VERIFIED, rank=factor.rows, smallest_kept=cert["lower"],
+                       largest_dropped=None, methods=methods, agree=True, **common)
     if cert is not None and cert["certified"]:
         details["margin"] = cert["lower"] / tol if tol > 0 else None
+        details["spectrum"] = {"kind": "Gram certificate: σ_max, and at n the certified lower "
+                                       "bound and the inverse-iteration estimate of σ_n",
+                               "index": [1, target, target],
+                               "values": [details["sigma_max"], cert["lower"], cert["estimate"]],
+                               "certified_lower_bound": cert["lower"]}
         return Verdict(verdict=VERIFIED, rank=factor.rows, smallest_kept=cert["estimate"],
                        largest_dropped=None, methods=methods, agree=True, **common)
     if factor.cols < target:
@@ -264,7 +378,8 @@ def gram_rank_verdict(gram: Tensor, shape: tuple[int, int] | list[int], *,
     methods = {"eigvalsh": rank.rank}
     verdict = decide(target, methods, target_value(sing, target), tol, band)
     details: dict[str, Any] = {"band": band, "route": "gram-eigvalsh",
-                               "eigenvalue_uncertainty": spectrum.uncertainty, "notes": []}
+                               "eigenvalue_uncertainty": spectrum.uncertainty, "notes": [],
+                               "spectrum": spectrum_tail(sing, "√ eigenvalues of the Gram")}
     if not spectrum.resolves(tol):
         verdict = INCONCLUSIVE
         details["notes"].append("an eigenvalue of the Gram matrix lies within rounding of tol²: "

@@ -1,6 +1,6 @@
 """Tolerances, the inconclusive band and rounding-error bounds of the rank decisions.
 
-Conventions (SPEC §4):
+Conventions (docs/verifiers.md):
 
 * **Tolerance.** Unless one is given, a singular value counts as nonzero when it exceeds
   ``σ_max · max(rows, cols) · ε`` — ``numpy.linalg.matrix_rank``'s default, the paper's check —

@@ -1,11 +1,12 @@
-"""The result of a rank decision: :class:`Verdict` and its JSON form (SPEC §4, §7).
+"""The result of a rank decision: :class:`Verdict` and its JSON form (docs/verifiers.md).
 
 A verdict is one of three words:
 
 * ``"verified"`` — the condition holds at the stated tolerance, with a margin;
 * ``"not-verified"`` — it fails at that tolerance, with a margin;
-* ``"inconclusive"`` — the deciding value lies within the tolerance band, the methods disagree,
-  or no method that could decide fitted in memory. Never reported as verified.
+* ``"inconclusive"`` — the question ``rank = n`` is open: the deciding value lies within the
+  tolerance band, the methods disagree about whether the rank reaches n, or no method that could
+  decide fitted in memory (or in the budget). Never reported as verified.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ VERDICTS = (VERIFIED, NOT_VERIFIED, INCONCLUSIVE)
 
 BASE_KEYS = ("condition", "n", "rank", "verdict", "tolerance", "precision", "smallest_kept",
              "largest_dropped", "methods", "agree", "shape", "seconds")
-"""The keys of ``gconv verify --json`` (SPEC §7), in that order."""
+"""The keys of ``gconv verify --json`` (docs/verifiers.md), in that order."""
 
 
 class HasVerdict:
@@ -70,7 +71,7 @@ class Verdict(HasVerdict):
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of SPEC §7: the base keys, then ``details`` flattened (a detail never
+        """The JSON object of ``gconv verify --json``: the base keys, then ``details`` flattened (a detail never
         overrides a base key). Every value is a plain Python number, string, list, dict or None."""
         base = {key: getattr(self, key) for key in BASE_KEYS}
         extra = {key: value for key, value in self.details.items() if key not in base}

@@ -1,4 +1,4 @@
-"""The options of ``gconv train`` (SPEC §7) as one validated dataclass, and the step schedule."""
+"""The options of ``gconv train`` as one validated dataclass, and the step schedule."""
 from __future__ import annotations
 
 import math
@@ -13,10 +13,12 @@ METHODS = ("base", "two-phase", "ee")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("cpu", "cuda")
 ACTIVATIONS = ("softplus", "relu")
+"""Hidden activation of the built-in models: softplus(ς=100) is real analytic, as both theorems
+assume ([KS21] §5.2, [K22] Assumption 12); ``relu`` is not, so ``two-phase`` and ``ee``
+refuse it unless ``allow_non_analytic`` (then the certificate says that the guarantee does not
+apply). ``relu`` is there for baselines and for that refusal."""
 CERTIFICATE_PRECISIONS = ("auto", "float64")
-"""Hidden activation of the built-in models: softplus(ς=100) is real analytic (SPEC §2); ``relu``
-is not, so ``two-phase`` and ``ee`` refuse it unless ``allow_non_analytic`` (then the certificate
-says that the guarantee does not apply). ``relu`` is there for baselines and for that refusal."""
+CERTIFICATE_MODES = ("auto", "full", "off")
 MAX_SEED = 2**32 - 1
 FEATURE_CACHES = ("auto", "memory", "disk", "off")
 DATA_PLACEMENTS = ("auto", "yes", "no")
@@ -24,7 +26,8 @@ DATA_PLACEMENTS = ("auto", "yes", "no")
 
 @dataclass
 class TrainConfig:
-    """Every option of a training run. Defaults are the [K22] ResNet setting (SPEC §7)."""
+    """Every option of a training run. Defaults are the [K22] ResNet setting (§3.4.2: SGD, lr 0.1,
+    momentum 0.9, weight decay 1e-5, batch 64)."""
 
     data: str = "sine"
     model: str = "mlp"
@@ -52,7 +55,11 @@ class TrainConfig:
     (the phase-2 cache) with their measured error counted as a noise floor and recomputes them in
     float64 only when that does not verify (without a cache — augmentation, ``feature_cache="off"``
     — and on CUDA, where the attempt costs more than it saves, it computes float64 features at
-    once); ``float64`` always recomputes (SPEC §4)."""
+    once); ``float64`` always recomputes (docs/verifiers.md)."""
+    certificate: str = "auto"
+    """The certificate at the switch: ``auto`` decides by the cheap routes and a bounded fallback,
+    else reports *inconclusive* with the reason (``gconv verify --checkpoint`` then decides);
+    ``full`` decides whatever it costs; ``off`` makes none (``"certificate": null``)."""
     loss: str = "ce"
     n: int | None = None
     augment: bool = False
@@ -100,6 +107,9 @@ class TrainConfig:
         if self.method == "base":
             raise UserInputError("--exploit-lr sets the step of the second phase; --method base "
                                  "has none")
+        if value == "auto" and self.certificate == "off":
+            raise UserInputError("--exploit-lr auto takes the certificate's step 1/L, but "
+                                 "--certificate off makes none; give a number or --certificate auto")
         if self.method == "ee" and self.exploit_optimizer == "lbfgs":
             raise UserInputError("--exploit-lr does not apply to --exploit-optimizer lbfgs: its "
                                  "line search sets the step")
@@ -122,6 +132,7 @@ class TrainConfig:
         _one_of(self.device, DEVICES, "device")
         _one_of(self.activation, ACTIVATIONS, "activation")
         _one_of(self.certificate_precision, CERTIFICATE_PRECISIONS, "certificate-precision")
+        _one_of(self.certificate, CERTIFICATE_MODES, "certificate")
         self._validate_exploit_lr()
         _one_of(self.feature_cache, FEATURE_CACHES, "feature-cache")
         _one_of(self.data_on_device, DATA_PLACEMENTS, "data-on-device")
@@ -181,7 +192,7 @@ class Schedule:
 
 
 def make_schedule(config: TrainConfig, n: int) -> Schedule:
-    """Turn epochs/steps, τ/τ0 and the batch size into step counts (SPEC §7: τ in the run's unit)."""
+    """Turn epochs/steps, τ/τ0 and the batch size into step counts (``tau`` is in the run's unit: steps or epochs)."""
     batch = n if config.batch_size in (0, None) or config.batch_size >= n else config.batch_size
     per_epoch = math.ceil(n / batch)
     total = config.epochs * per_epoch if config.epochs is not None else config.steps

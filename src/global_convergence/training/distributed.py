@@ -23,10 +23,13 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..errors import NumericalError
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,29 @@ def broadcast_object(obj, ctx: DistContext):
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def on_rank_zero(ctx: DistContext, work: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``work()`` on rank 0 alone, its result on every rank. A :class:`NumericalError` comes
+    back as its message (the caller adds where it happened); any other failure is raised on
+    every rank — rank 0 re-raises it, the others raise a ``RuntimeError`` naming it — so no rank
+    waits for a broadcast that never comes."""
+    result, numerical, error = None, None, None
+    if ctx.is_main:
+        try:
+            result = work()
+        except NumericalError as exc:
+            numerical = str(exc)
+        except Exception as exc:
+            error = exc
+    if ctx.distributed:
+        described = None if error is None else f"{type(error).__name__}: {error}"
+        result, numerical, described = broadcast_object((result, numerical, described), ctx)
+        if described is not None and error is None:
+            raise RuntimeError(f"rank 0 failed: {described}")
+    if error is not None:
+        raise error
+    return result, numerical
 
 
 def owns_chunk(index: int, ctx: DistContext) -> bool:

@@ -12,7 +12,8 @@ BASE_COLUMNS = ["step", "epoch", "phase", "loss", "train_error", "test_error", "
 
 
 def metrics_csv(rows: list[dict[str, Any]]) -> str:
-    """CSV text with the SPEC §7 columns first, then any extra columns callbacks added."""
+    """CSV text with the columns of ``metrics.csv`` (docs/design.md) first, then any extra columns
+    callbacks added."""
     extra = sorted({k for row in rows for k in row} - set(BASE_COLUMNS))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=BASE_COLUMNS + extra, lineterminator="\n")

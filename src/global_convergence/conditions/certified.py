@@ -1,0 +1,198 @@
+"""Trunk features for a certificate and the verdict on them, cheapest route first ([K22] §3.4
+checks the rank of the features; docs/verifiers.md "Cost").
+
+A certificate must not cost more than the training it certifies. So :func:`certified_features`
+
+1. tries the float32 features (the run's cache, or one float32 pass) with their measured error
+   counted as a noise floor, by the cheap routes only (the Gram certificate): only *verified* is
+   accepted from them, so no expensive fallback is spent on an attempt whose other answers are
+   discarded, and an EE attempt stops at the first output it cannot verify;
+2. decides on float64 features, cheap routes first; the expensive factor route (SVD and pivoted
+   QR of the features) runs within ``budget_flops`` in ``mode="auto"``, whatever it costs in
+   ``mode="full"``. An ``"auto"`` verdict left open by the budget is *inconclusive* and names
+   where the full decision is made: ``gconv verify <condition> --checkpoint DIR/checkpoint.pt``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import NumericalError, UserInputError
+from ..linalg import Verdict
+from .features import FEATURE_CHUNK, relative_row_error, sample_index, trunk_features
+
+CERTIFICATE_PRECISIONS = ("auto", "float64")
+CERTIFICATE_MODES = ("auto", "full")
+AUTO_BUDGET_FLOPS = 1e12
+"""Default cap (flops) on the expensive fallback of ``mode="auto"``: about 10–20 s on two CPU
+cores, the order of a small run's whole training (docs/verifiers.md "Cost")."""
+GEMM_PROBE_ROWS = 512
+"""Rows of the float64 product timed to estimate a check's seconds from its flops."""
+RECOMPUTE_GROUP = 8
+"""Chunks of rows recomputed per float64 copy of the trunk in the float64 pass."""
+
+Check = Callable[[Tensor, "float | None", "float | None"], Verdict]
+"""``check(features, feature_error, fallback_flops)``: the condition's verdict on ``features``
+with a relative row error ``feature_error`` (None: exact) and the factor route capped at
+``fallback_flops`` (None: no cap, 0: never)."""
+
+
+def require_mode(mode: str, precision: str) -> None:
+    """Refuse an unknown certificate ``mode`` or ``precision`` with the allowed values."""
+    if mode not in CERTIFICATE_MODES:
+        raise UserInputError(f"certificate mode must be one of {', '.join(CERTIFICATE_MODES)}, "
+                             f"got {mode!r}")
+    if precision not in CERTIFICATE_PRECISIONS:
+        raise UserInputError(f"certificate precision must be one of "
+                             f"{', '.join(CERTIFICATE_PRECISIONS)}, got {precision!r}")
+
+
+def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tensor | None,
+                       precision: str, chunk_size: int = FEATURE_CHUNK, *, mode: str = "auto",
+                       budget_flops: float = AUTO_BUDGET_FLOPS,
+                       condition: str = "the condition",
+                       check_flops: Callable[[int, int], float] | None = None
+                       ) -> tuple[Tensor, Verdict]:
+    """Trunk features of ``x`` (float64) and the verdict ``check`` gives on them.
+
+    ``precision="float64"``: float64 features only. ``"auto"``: first the float32 features —
+    ``features`` if given (the run's cache), else one float32 pass — with their error measured
+    against float64 on a sample (:func:`~.features.relative_row_error`) counted as a noise floor;
+    only a *verified* verdict is accepted from them, and they get no factor route. Anything else
+    is decided again on float64 features, so ``"auto"`` can save the float64 pass but never turns
+    a verdict into *verified* that float64 would not give. The float32 attempt is skipped when
+    it cannot pay: ``check_flops(n, m)`` (the cost of one check on ``n × m`` features, at the
+    measured float64 GEMM rate) above the estimated float64 pass (the sample's time scaled to
+    ``n``); ``details["float32_attempt"]`` says so. ``mode`` and ``budget_flops`` as in the
+    module docstring. The constants (``L_H``, ``L̂``) are then computed on the features the
+    verdict used.
+    """
+    require_mode(mode, precision)
+    fallback = None if mode == "full" else float(budget_flops)
+    if precision == "float64":
+        exact, seconds = trunk_features(model, x, torch.float64, chunk_size)
+        _require_finite_features(exact)
+        verdict = _checked(check, exact, None, fallback, seconds, "float64")
+        return exact, _name_offline_route(verdict, mode, condition)
+    start = time.perf_counter()
+    index = sample_index(x.shape[0])
+    sample, sample_seconds = trunk_features(model, x[index.to(x.device)], torch.float64,
+                                            chunk_size)
+    worth, estimate = _float32_pays(x.shape[0], sample, sample_seconds, check_flops, features)
+    if not worth:
+        exact = torch.empty(x.shape[0], sample.shape[1], dtype=torch.float64,
+                            device=sample.device)
+        exact = _overwrite_in_float64(model, x, exact, index, sample, chunk_size)
+        _require_finite_features(exact)
+        verdict = _checked(check, exact, None, fallback, time.perf_counter() - start, "float64")
+        verdict.details["float32_attempt"] = {"verdict": None, "skipped": estimate}
+        verdict.details.setdefault("notes", []).append(
+            "float32 attempt skipped: one check costs more than the float64 feature pass")
+        return exact, _name_offline_route(verdict, mode, condition)
+    if features is None:
+        features, _ = trunk_features(model, x, torch.float32, chunk_size)
+    error = relative_row_error(features[index.to(features.device)], sample)
+    cast = features.flatten(1).to(sample.device, torch.float64, copy=True)
+    if bool(torch.isfinite(cast).all()) and math.isfinite(error.bound):
+        verdict = _checked(check, cast, error.bound, 0.0, time.perf_counter() - start,
+                           "float32")
+        verdict.details["feature_error"] = error.to_dict()
+        if verdict.verified:
+            return cast, verdict
+        attempt = {"verdict": verdict.verdict, "smallest_kept": verdict.smallest_kept,
+                   "tolerance": verdict.tolerance, "feature_error": error.to_dict(),
+                   "seconds": dict(verdict.seconds),
+                   "outputs_checked": verdict.details.get("outputs_checked")}
+        note = (f"float32 features gave '{attempt['verdict']}' with their noise floor counted "
+                "(cheap routes only); decided again on float64 features")
+    else:
+        attempt = {"verdict": None, "feature_error": error.to_dict()}
+        note = "float32 features overflowed (inf/NaN); decided on float64 features"
+    start = time.perf_counter()
+    exact = _overwrite_in_float64(model, x, cast, index, sample, chunk_size)
+    _require_finite_features(exact)
+    verdict = _checked(check, exact, None, fallback, time.perf_counter() - start, "float64")
+    verdict.details["float32_attempt"] = attempt
+    verdict.details.setdefault("notes", []).append(note)
+    return exact, _name_offline_route(verdict, mode, condition)
+
+
+def gemm_rate(width: int, device: torch.device, rows: int = GEMM_PROBE_ROWS) -> float:
+    """Measured float64 flops per second of a ``rows × width`` by ``width × rows`` product (the
+    Gram's kernel) on ``device``."""
+    a = torch.randn(rows, max(width, 1), dtype=torch.float64, device=device)
+    start = time.perf_counter()
+    product = a @ a.T
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = max(time.perf_counter() - start, 1e-9)
+    del product
+    return 2.0 * rows * rows * max(width, 1) / seconds
+
+
+
+def _float32_pays(n: int, sample: Tensor, sample_seconds: float,
+                  check_flops: Callable[[int, int], float] | None,
+                  features: Tensor | None) -> tuple[bool, dict[str, float]]:
+    """Whether the float32 attempt can save more than it risks: the float64 pass it would save
+    (the sample's seconds scaled to ``n`` rows) against one check's estimated seconds."""
+    if check_flops is None or sample.shape[0] == 0:
+        return True, {}
+    pass_seconds = sample_seconds * n / sample.shape[0]
+    check_seconds = check_flops(n, sample.shape[1]) / gemm_rate(sample.shape[1], sample.device)
+    estimate = {"float64_pass_seconds_estimate": pass_seconds,
+                "check_seconds_estimate": check_seconds,
+                "features_given": features is not None}
+    return pass_seconds > check_seconds, estimate
+
+
+def _name_offline_route(verdict: Verdict, mode: str, condition: str) -> Verdict:
+    """Record the mode; where the budget left the verdict open, say where it is decided."""
+    verdict.details["mode"] = mode
+    skipped = [d for d in [verdict.details] + verdict.details.get("per_output", [])
+               if d.get("factor_route_skipped") or "over the budget" in str(d.get("notes", ""))]
+    if verdict.verdict == "inconclusive" and skipped:
+        where = f"gconv verify {condition} --checkpoint DIR/checkpoint.pt"
+        verdict.details["decide_offline"] = where
+        verdict.details.setdefault("notes", []).append(
+            f"mode='auto' left this open: the deciding route is over its budget; `{where}` "
+            "(or mode='full') decides it whatever it costs")
+    return verdict
+
+
+def _require_finite_features(features: Tensor) -> None:
+    """The certificate's conditions are ranks of these features: refuse inf/NaN, which a finite
+    but huge network (a diverged run) produces, with the count of rows hit."""
+    finite = torch.isfinite(features).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        raise NumericalError(f"the trunk features are not finite in float64 for "
+                             f"{int((~finite).sum())} of {features.shape[0]} inputs: the "
+                             "parameters are finite but the forward pass overflows, so no "
+                             "condition can be checked")
+
+
+def _overwrite_in_float64(model: nn.Module, x: Tensor, features: Tensor, index: Tensor,
+                          sample: Tensor, chunk_size: int) -> Tensor:
+    """``features`` (float64, cast from float32) overwritten in place with float64 features:
+    the already recomputed rows ``index`` from ``sample``, the others in groups of
+    ``RECOMPUTE_GROUP`` chunks (one float64 copy of the trunk per group, no second n × m array)."""
+    features[index.to(features.device)] = sample
+    rest = torch.ones(x.shape[0], dtype=torch.bool)
+    rest[index] = False
+    others = rest.nonzero().squeeze(1)
+    for group in torch.split(others, RECOMPUTE_GROUP * chunk_size) if len(others) else ():
+        features[group.to(features.device)], _ = trunk_features(
+            model, x[group.to(x.device)], torch.float64, chunk_size)
+    return features
+
+
+def _checked(check: Check, features: Tensor, error: float | None, fallback: float | None,
+             seconds: float, precision: str) -> Verdict:
+    verdict = check(features, error, fallback)
+    verdict.seconds["features"] = seconds
+    verdict.details["feature_precision"] = precision
+    return verdict
