@@ -47,8 +47,9 @@ buffers are left as they were.
 from .common import batch_statistics_modules, flush_denormal
 from .empirical import METHODS, empirical_ntk
 from .jacobian import jacobian
+from .plan import forget_plans
 from .products import ntk_vector_product
 from .spectral import representation_change, smallest_eigenvalue
 
-__all__ = ["METHODS", "batch_statistics_modules", "empirical_ntk", "flush_denormal", "jacobian",
+__all__ = ["METHODS", "batch_statistics_modules", "empirical_ntk", "flush_denormal", "forget_plans", "jacobian",
            "ntk_vector_product", "representation_change", "smallest_eigenvalue"]

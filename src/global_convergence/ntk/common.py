@@ -171,13 +171,13 @@ def with_dtype(model: nn.Module, x: Tensor, dtype: torch.dtype | None) -> tuple[
 def gram(a: Tensor, b: Tensor | None = None) -> Tensor:
     """``a bᵀ`` for row matrices (``a aᵀ`` when ``b`` is None).
 
-    On the CPU a symmetric product of a tall matrix (at most as many columns as rows, e.g. the
-    ``n × 300`` activations of the ``mlp``) goes through NumPy, whose BLAS call for ``a @ a.T`` is a
-    rank-k update computing one triangle: about 2–3× faster there than ``torch.mm``, which in
-    turn is faster for short, wide matrices such as blocks of Jacobian rows.
+    On the CPU a symmetric product goes through NumPy, whose BLAS call for ``a @ a.T`` is a
+    rank-k update computing one triangle (half the multiply-adds of ``torch.mm``); measured
+    faster for the tall activation matrices of the ``mlp`` and for the wide gradient rows of
+    LeNet's convolutions alike (docs/performance.md).
     """
     if (b is None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
-            and not a.requires_grad and a.dim() == 2 and a.shape[1] <= a.shape[0]):
+            and not a.requires_grad and a.dim() == 2):
         an = a.contiguous().numpy()
         return torch.from_numpy(an @ an.T)
     return a @ (a if b is None else b).T
