@@ -26,8 +26,8 @@ is exact only when ``f(x_i)`` depends on ``x_i`` alone, so batch norm using batc
 refused here (``empirical_ntk`` then takes the whole-batch Jacobian route).
 
 ``compute_dtype`` contracts the captures of the model's own (e.g. float32) pass in a wider type:
-:func:`structured_gram` uses it for the alignment test's Gram of the float32 ``J`` with a proven
-bound on how far any float32 evaluation of that ``J`` lies from the captures' exact products.
+:func:`structured_gram` uses it for the alignment test's Gram of the float32 ``J`` (the pass's
+derivative rounded to float32) with a proven bound on its distance from the Gram's factor.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import common
 from .common import (BLOCK_ELEMENTS, gram, output_matrix, pairwise_blocks, samples_per_chunk,
                      zero_subnormals_)
 from .jacobian import per_sample_jacobian
@@ -183,10 +184,10 @@ def _positions_last(lp: LayerPlan, mod: nn.Module, inp: Tensor,
 
 
 GROUPED_CONV_CHANNELS: int = 8
-"""Convolutions with fewer input channels get their per-sample weight gradients from one grouped
-convolution of the inputs with the output-gradients (:func:`_conv_weight_rows`) instead of
-unfolded patches and a batched product (measured 1.6–1.9× faster with one input channel, slower
-with 32; docs/performance.md)."""
+"""float32 convolutions with fewer input channels get their per-sample weight gradients from one
+grouped convolution of the inputs with the output-gradients (:func:`_conv_weight_rows`) instead
+of unfolded patches and a batched product (measured 1.6–1.9× faster with one input channel,
+slower with 32; float64 grouped convolutions have no fast kernel; docs/performance.md)."""
 
 
 def _conv_weight_rows(conv: nn.Conv2d, inp: Tensor, delta: Tensor) -> Tensor:
@@ -226,13 +227,12 @@ def _gradient_rows(lp: LayerPlan, u: Tensor, d: Tensor) -> list[Tensor]:
     return rows
 
 
-def _entry_rounding(lp: LayerPlan) -> float:
-    """Roundings per entry of a float32 evaluation of this layer's ``J`` block from captures.
-
-    A sum of P products: ``P``; batch norm adds 5 for ``x̂`` (subtraction, ``+ε``, square root,
-    reciprocal, product), which the model computed itself.
-    """
-    return lp.positions + (5 if lp.kind == "batchnorm" else 0)
+def _entry_rounding(lp: LayerPlan, unit: float, own_unit: float) -> float:
+    """``γ`` of one entry of this layer's ``J`` block evaluated from the captures: a sum of ``P``
+    products in ``unit``; batch norm adds 5 roundings in the model's ``own_unit`` for ``x̂``
+    (subtraction, ``+ε``, square root, reciprocal, product), which the model computed itself."""
+    k = lp.positions * unit + (5 * own_unit if lp.kind == "batchnorm" else 0.0)
+    return k / (1 - k)
 
 
 def _abs_frobenius_sq(lp: LayerPlan, u: Tensor, d: Tensor) -> float:
@@ -252,25 +252,31 @@ def chunk_features(model: nn.Module, plan: StructuredPlan, x: Tensor,
                    compute_dtype: torch.dtype | None = None,
                    entry_unit: float | None = None) -> ChunkFeatures:
     """:class:`ChunkFeatures` of the samples ``x``: captures plus gradient rows, in
-    ``compute_dtype`` (default: the model's). With ``entry_unit`` (a unit roundoff), also
-    ``abs_sq = Σ_l γ_l² ‖|J_l|‖_F²`` with ``γ_l = γ_{P_l}`` in that unit (:func:`_entry_rounding`).
+    ``compute_dtype`` (default: the model's). With ``entry_unit`` (``compute_dtype``'s unit
+    roundoff), also ``abs_sq = Σ_l γ_l² ‖|J_l|‖_F²`` (:func:`_entry_rounding`).
     """
     feats, rows = ChunkFeatures(), []
     captured = capture(model, plan, x, zero=compute_dtype is None) if plan.layers else []
     for lp, (inp, delta) in zip(plan.layers, captured):
+        own_unit = torch.finfo(inp.dtype).eps / 2 if inp.is_floating_point() else 0.0
         if compute_dtype is not None:
             inp, delta = inp.to(compute_dtype), delta.to(compute_dtype)
         mod = model.get_submodule(lp.path)
-        if (lp.kind == "conv2d" and lp.strategy == "grad" and lp.weight and entry_unit is None
-                and mod.in_channels < GROUPED_CONV_CHANNELS):
+        if (lp.kind == "conv2d" and lp.strategy == "grad" and lp.weight
+                and mod.in_channels < GROUPED_CONV_CHANNELS and inp.dtype == torch.float32):
             rows.append(_conv_weight_rows(mod, inp, delta))
             if lp.bias:
                 rows.append(delta.flatten(3).sum(3))
+            if entry_unit is not None:        # |J_l| from |u|, |δ| by the same convolution
+                k = _entry_rounding(lp, entry_unit, own_unit)
+                absolute = _conv_weight_rows(mod, inp.abs(), delta.abs())
+                bias = delta.abs().flatten(3).sum(3).square().sum() if lp.bias else 0.0
+                feats.abs_sq += k**2 * float(absolute.square().sum() + bias)
             continue
         u, d = _positions_last(lp, mod, inp, delta)
         if entry_unit is not None:
-            k = _entry_rounding(lp) * entry_unit
-            feats.abs_sq += (k / (1 - k)) ** 2 * _abs_frobenius_sq(lp, u, d)
+            feats.abs_sq += _entry_rounding(lp, entry_unit, own_unit) ** 2 * \
+                _abs_frobenius_sq(lp, u, d)
         if lp.strategy == "gram":     # (c, P, D_in [+1]) and (m, c, P, C_out) for the Grams
             ut = u.transpose(1, 2)
             if lp.bias:
@@ -331,12 +337,13 @@ def contract(fa: ChunkFeatures, fb: ChunkFeatures) -> Tensor:
 @dataclass
 class StructuredGram:
     """``gram``: ``J̃ J̃ᵀ`` formed in ``compute_dtype`` from the model's own captures, ``J̃`` the
-    exact products of those captures (the fallback parameters' rows as computed). ``entry_error``:
-    a bound on ``‖J − J̃‖_F`` for every evaluation ``J`` of those products in the model's dtype
-    (each sum of P products rounded, in any order: ``|error| ≤ γ_P Σ_p |δ_p||u_p|``) and of
-    ``compute_dtype``'s own rounding of the gradient rows. ``inner``: the most roundings of one
-    Gram entry in ``compute_dtype`` (for :func:`global_convergence.linalg.tolerance.
-    gram_rounding_bound`)."""
+    exact derivative of the model's pass (products and sums of its captured activations and
+    output-gradients; the fallback parameters' rows as computed). ``entry_error``: a bound on
+    ``‖J − J̃‖_F`` for ``J`` = ``J̃`` with every entry rounded to the model's dtype
+    (``|J − J̃| ≤ u|J̃|`` entrywise, so ``‖J − J̃‖_F ≤ u‖J̃‖_F = u √tr(J̃J̃ᵀ)``), plus
+    ``compute_dtype``'s own rounding of the gradient rows (``γ_P Σ_p |δ_p||u_p|`` per entry).
+    ``inner``: the most roundings of one Gram entry in ``compute_dtype`` (for
+    :func:`global_convergence.linalg.tolerance.gram_rounding_bound`)."""
 
     gram: Tensor
     entry_error: float
@@ -349,13 +356,16 @@ def structured_gram(model: nn.Module, x: Tensor, compute_dtype: torch.dtype = to
     be independent. Call inside :func:`.common.numerics_guard`."""
     plan = cached_plan(model, x)
     own = next((p.dtype for p in model.parameters()), x.dtype)
-    unit = (torch.finfo(own).eps + torch.finfo(compute_dtype).eps) / 2
-    gram_, abs_sq = _ntk(model, x, plan, chunk_size, compute_dtype, unit)
+    gram_, abs_sq = _ntk(model, x, plan, chunk_size, compute_dtype,
+                         torch.finfo(compute_dtype).eps / 2)
     widths = [lp.positions**2 * (lp.fan_in + 1 + lp.fan_out) if lp.strategy == "gram"
               else lp.fan_out * (lp.fan_in + 1) + lp.positions for lp in plan.layers]
     params = dict(model.named_parameters())
     inner = sum(widths) + sum(params[n].numel() for n in plan.fallback) + len(widths) + 2
-    return StructuredGram(gram_, math.sqrt(abs_sq), inner)
+    trace = float(gram_.trace()) * (1 + inner * torch.finfo(compute_dtype).eps) + math.sqrt(abs_sq)
+    rounding = torch.finfo(own).eps / 2 * math.sqrt(max(trace, 0.0)) if own != compute_dtype \
+        else 0.0
+    return StructuredGram(gram_, rounding + math.sqrt(abs_sq), inner)
 
 
 def _ntk(model: nn.Module, x: Tensor, plan: StructuredPlan, chunk_size: int | None,
@@ -366,7 +376,9 @@ def _ntk(model: nn.Module, x: Tensor, plan: StructuredPlan, chunk_size: int | No
     if not plan.layers and not plan.fallback:
         return torch.zeros(m * n, m * n, dtype=dtype, device=x.device), 0.0
     itemsize = torch.empty((), dtype=dtype).element_size()
-    chunk = samples_per_chunk(bytes_per_sample(plan, model, itemsize), n, m, chunk_size)
+    per_sample = bytes_per_sample(plan, model, itemsize)
+    chunk = n if chunk_size is None and per_sample * n <= common.CACHE_BYTES else \
+        samples_per_chunk(per_sample, n, m, chunk_size)
     abs_sq, seen = [0.0], set()
 
     def features(s: slice) -> ChunkFeatures:     # abs_sq counted once per chunk
