@@ -2,7 +2,7 @@
 
 With ``d ≫ n`` the Jacobian ``J`` (``n·m_y × d``) has full row rank in exact arithmetic, so the
 condition is trivial in float64; what separates data sets is the *numerically significant* column
-space. The default test is the paper's evident one (SPEC §4): a float32 Jacobian and
+space. The default test is the paper's evident one (docs/verifiers.md, "Alignment"): a float32 Jacobian and
 ``numpy.linalg.matrix_rank``'s default tolerance ``σ_max · max(rows, cols) · ε_float32``; the
 condition holds iff ``rank(J) = rank([J, vec(Y')])``. The tolerance *is* the definition here, so
 the verdict is *verified* / *not-verified* without an inconclusive band (values near the
@@ -11,21 +11,24 @@ tolerance are flagged in ``details["near_tolerance"]``).
 Singular values come from ``G = J Jᵀ``, and ``[J, y'][J, y']ᵀ = G + y'y'ᵀ``. For the float32
 test ``G`` is formed without ``J``: the float32 model's own activations and output-gradients
 (:func:`~global_convergence.ntk.structured.structured_gram`, structured where the layers allow)
-are contracted in float64, where their products are exact. The float32 ``J`` is those products
-rounded to float32 (a sum of ``P`` products per entry for a convolution): entrywise within
-``γ_P Σ_p |δ_p||u_p|`` of them, whatever the order of the sums, so ``‖J − J̃‖₂ ≤ ‖J − J̃‖_F ≤ e``
-with ``e`` computed from the captures, and by Weyl's inequality for singular values every
-``σ_i(J)`` lies within ``e`` of ``σ_i(J̃)`` (and of ``[J̃, y']``'s for the augmented matrix).
-``σ_i(J̃)² = λ_i(G̃)`` is known to ``γ_k tr G`` (float64 rounding of the Gram, ``k`` roundings per
-entry) plus ``eigh``'s backward error. A check is decided by the Gram when no singular value's
-interval meets the interval of the tolerance (``σ_max`` is uncertain by the same bounds); its
-ranks are then those of the float32 ``J`` itself. Where an interval does meet it, the float32
-``J`` is formed and its own Gram accumulated in float64 (exact products, float64 sums); where
-even that does not resolve — and always for ``precision="float64"`` — the singular values come
-from the TSQR factor ``R`` of ``Jᵀ``, whose augmented form is ``[R; y'ᵀ]``. Train-mode batch
-norm (samples coupled) forms the float32 ``J`` by the whole-batch engine directly.
+are contracted in float64, where their products are exact. Their exact derivative ``J̃`` (the
+derivative of the float32 forward and backward pass) rounded entrywise to float32 is the float32
+``J`` of the test: ``|J − J̃| ≤ u₃₂|J̃|``, so ``‖J − J̃‖₂ ≤ ‖J − J̃‖_F ≤ u₃₂ √tr G`` (plus the
+float64 rounding of the rows), and by Weyl's inequality for singular values every ``σ_i(J)``
+lies within that ``e`` of ``σ_i(J̃)`` (and likewise for ``[J, y']``). ``σ_i(J̃)² = λ_i(G)`` is
+known to ``γ_k tr G`` (float64 rounding of the Gram, ``k`` roundings per entry) plus ``eigh``'s
+backward error. A check is decided by the Gram when no singular value's interval meets the
+interval of the tolerance (``σ_max`` is uncertain by the same bounds): its ranks are then those
+of the float32 ``J``. (Another float32 evaluation of ``J``, summing the ``P`` products of a
+convolution entry in float32, may differ by up to ``γ_P Σ_p |δ_p||u_p|`` per entry; the verdict
+is about the correctly rounded one.) Where an interval does meet the tolerance's, the float32
+``J`` is formed by ``torch.func`` and its own Gram accumulated in float64 (exact products,
+float64 sums); where even that does not resolve — and always for ``precision="float64"`` — the
+singular values come from the TSQR factor ``R`` of ``Jᵀ``, whose augmented form is
+``[R; y'ᵀ]``. Train-mode batch norm (samples coupled) forms the float32 ``J`` by the whole-batch
+engine directly.
 
-Variants (options; they do not agree with the default and are reported, not mixed, SPEC §4):
+Variants (options; they do not agree with the default and are reported, not mixed, docs/verifiers.md):
 ``precision="float64"`` (a float64 Jacobian and tolerance) and ``method="residual"`` (verified
 iff the least-squares relative residual ``‖(I − P) y'‖ / ‖y'‖`` onto the significant column
 space is at most ``residual_threshold``).
@@ -52,7 +55,7 @@ from .features import model_device
 ALIGNMENT_METHODS = ("rank", "residual")
 RESIDUAL_THRESHOLD = 1e-2
 """Default threshold of ``method="residual"``: verified iff at most 1 % of ``‖y'‖`` lies outside
-the numerically significant column space. A choice of this project: SPEC §4 measured 0.17–0.19
+the numerically significant column space. A choice of this project: docs/verifiers.md reports 0.17–0.19
 on two moons where the rank test held, so the variants disagree by design."""
 GRAM_COLUMN_CHUNK = 65536
 """Columns of ``J`` cast to float64 at a time when forming ``J Jᵀ`` or the TSQR factor."""
@@ -73,7 +76,7 @@ def alignment_targets(y: Tensor, n: int, loss: Loss | None) -> Tensor:
 
 def vec(targets: Tensor) -> Tensor:
     """``vec(Y')``: the columns stacked (all samples of output 1, then output 2, …), pairing
-    with the rows of ``J`` (SPEC §1)."""
+    with the rows of ``J`` (row ``j·n + i``, :mod:`global_convergence.ntk`)."""
     return targets.T.reshape(-1)
 
 
@@ -155,7 +158,7 @@ def _in_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def alignment_of_jacobian(j: Tensor, y: Tensor, *, n: int | None = None, method: str = "rank",
                           precision: str | torch.dtype | None = None, tol: float | None = None,
                           residual_threshold: float = RESIDUAL_THRESHOLD) -> Verdict:
-    """The alignment verdict for a given Jacobian ``j`` (rows × d, SPEC §1 row order) and
+    """The alignment verdict for a given Jacobian ``j`` (rows × d, row ``j·n + i``) and
     ``y = vec(Y')`` (rows,). ``precision`` sets ``ε`` of the tolerance (default: ``j``'s dtype)."""
     _check_method(method)
     start = time.perf_counter()

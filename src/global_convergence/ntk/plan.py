@@ -182,12 +182,15 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, StructuredPlan]]" = \
 _PLAIN = (bool, int, float, str, type(None))
 
 
+def _plain_attributes(mod: nn.Module) -> tuple:
+    """A module's attributes that are numbers, strings, flags or tuples of them."""
+    return tuple((k, v) for k, v in vars(mod).items() if type(v) in _PLAIN
+                 or (type(v) is tuple and all(type(e) in _PLAIN for e in v)))
+
+
 def structure_key(model: nn.Module, x: Tensor) -> tuple:
     """What a plan depends on (module docstring); equal keys give equal plans."""
-    modules = tuple((path, id(mod), type(mod), mod.training,
-                     tuple((k, v) for k, v in vars(mod).items()
-                           if isinstance(v, _PLAIN) or (isinstance(v, tuple)
-                                                        and all(isinstance(e, _PLAIN) for e in v))))
+    modules = tuple((path, id(mod), type(mod), _plain_attributes(mod))
                     for path, mod in model.named_modules())
     params = tuple((name, id(p), tuple(p.shape), p.dtype, p.requires_grad)
                    for name, p in model.named_parameters())
