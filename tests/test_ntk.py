@@ -253,6 +253,16 @@ def test_both_convolution_contractions(monkeypatch, strategy):
     assert rel(empirical_ntk(model, x, method="structured"), reference("cnn")[1]) < TOL32
 
 
+@pytest.mark.parametrize("channels", [0, 100])
+def test_both_per_sample_convolution_gradients(monkeypatch, channels):
+    """float32 per-sample convolution gradients by unfolded patches (0) or by one grouped
+    convolution (100): both exact, with zero, reflect and "same" padding, stride and dilation."""
+    model, x = make("cnn")
+    monkeypatch.setattr(ntk_plan, "STRATEGY", "grad")
+    monkeypatch.setattr(structured, "GROUPED_CONV_CHANNELS", channels)
+    assert rel(empirical_ntk(model, x, method="structured"), reference("cnn")[1]) < TOL32
+
+
 def test_recompute_path_when_cache_is_small(monkeypatch):
     model, x = make("gated")
     monkeypatch.setattr(common, "CACHE_BYTES", 0)
