@@ -362,8 +362,9 @@ def structured_gram(model: nn.Module, x: Tensor, compute_dtype: torch.dtype = to
               else lp.fan_out * (lp.fan_in + 1) + lp.positions for lp in plan.layers]
     params = dict(model.named_parameters())
     inner = sum(widths) + sum(params[n].numel() for n in plan.fallback) + len(widths) + 2
-    trace = float(gram_.trace()) * (1 + inner * torch.finfo(compute_dtype).eps) + math.sqrt(abs_sq)
-    rounding = torch.finfo(own).eps / 2 * math.sqrt(max(trace, 0.0)) if own != compute_dtype \
+    # ‖J̃‖_F ≤ √(tr G (1 + γ)) + (the rows' own rounding); rounding J̃ to ``own`` moves it u‖J̃‖_F
+    norm = math.sqrt(max(float(gram_.trace()), 0.0) * (1 + inner * torch.finfo(compute_dtype).eps))
+    rounding = torch.finfo(own).eps / 2 * (norm + math.sqrt(abs_sq)) if own != compute_dtype \
         else 0.0
     return StructuredGram(gram_, rounding + math.sqrt(abs_sq), inner)
 
