@@ -6,7 +6,8 @@
 #   PEERS_VENV=/some/dir bash benchmarks/setup_peers.sh
 #
 # Versions: jax 0.4.30 with its CPU jaxlib and neural-tangents 0.6.5 (the figures in
-# docs/performance.md were measured with these).
+# docs/performance.md were measured with these). neural-tangents pulls in tensorflow (about
+# 600 MB); benchmarks/peer_ntk.py carries a two-line shim for jax 0.4.30 (see its header).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${PEERS_VENV:-$root/.venv-peers}"
