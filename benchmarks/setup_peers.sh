@@ -7,7 +7,7 @@
 #
 # Versions: jax 0.4.30 with its CPU jaxlib and neural-tangents 0.6.5 (the figures in
 # docs/performance.md were measured with these). neural-tangents pulls in tensorflow (about
-# 600 MB); benchmarks/peer_ntk.py carries a two-line shim for jax 0.4.30 (see its header).
+# 600 MB); benchmarks/peer_ntk.py carries a small shim for jax 0.4.30 (see the comment there).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${PEERS_VENV:-$root/.venv-peers}"
