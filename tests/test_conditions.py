@@ -1,5 +1,5 @@
-"""The condition verifiers on the library's models: expressivity, safe exploration, alignment,
-input distinguishability, widths, and the certificates."""
+"""The condition verifiers on the library's models: expressivity, safe exploration, input
+distinguishability, widths, and the certificates (alignment: tests/test_alignment.py)."""
 import copy
 import json
 
@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from global_convergence.conditions import (NOT_VERIFIED, VERIFIED, alignment, alignment_of_gram,
-                                           alignment_of_jacobian, ee_certificate, ee_row_bounds,
+from global_convergence.conditions import (NOT_VERIFIED, VERIFIED, ee_certificate, ee_row_bounds,
                                            expressivity, he_initialise, input_distinguishability,
                                            safe_exploration, two_phase_certificate,
                                            width_condition)
@@ -137,102 +136,6 @@ def test_he_initialise_is_seeded_he_normal():
     assert float(a.weight.detach().std()) == pytest.approx((2 / 400) ** 0.5, rel=0.02)
 
 
-# -------------------------------------------------------------------------------- alignment
-
-def test_alignment_inside_and_outside_column_space():
-    """d < n·m_y, so Col(J) is a proper subspace: a target built inside is aligned, a generic
-    one is not; the residual separates them too."""
-    torch.manual_seed(0)
-    model = MLP(3, 2, hidden=(4,))                        # d = 16 + 10 = 26, rows = 2·30 = 60
-    x = torch.randn(30, 3)
-    j = reference_jacobian(model, x).double()
-    inside = j @ torch.randn(j.shape[1], dtype=F64)
-    y_inside = inside.reshape(2, 30).T                    # Y' with vec(Y') = inside (SPEC §1)
-    v = alignment(model, x, y_inside)
-    assert v.verdict == VERIFIED and v.precision == "float32"
-    assert v.details["rank_augmented"] == v.rank and v.details["relative_residual"] < 1e-5
-    assert v.shape == [60, 26] and v.n == 30
-    outside = torch.randn(30, 2, dtype=F64)
-    w = alignment(model, x, outside)
-    assert w.verdict == NOT_VERIFIED and w.details["rank_augmented"] == w.rank + 1
-    assert w.details["relative_residual"] > 0.3
-    # the row order matters: the same numbers stacked by rows are not in Col(J)
-    assert alignment(model, x, inside.reshape(30, 2)).verdict == NOT_VERIFIED
-    r_in = alignment(model, x, y_inside, method="residual")
-    r_out = alignment(model, x, outside, method="residual")
-    assert (r_in.verdict, r_out.verdict) == (VERIFIED, NOT_VERIFIED)
-
-
-def test_alignment_float32_test_against_numpy_matrix_rank():
-    """The default reproduces numpy.linalg.matrix_rank on the float32 J and [J, y']."""
-    import numpy as np
-    torch.manual_seed(1)
-    model = MLP(2, 1, hidden=(16, 16))
-    x = torch.rand(40, 2) * 2 - 1
-    y = (torch.sin(20 * x[:, 0]) < 0).long()
-    loss = make_loss("ce", 2)
-    v = alignment(model, x, y, loss=loss)
-    j = reference_jacobian(model, x).numpy()                # float32, as the paper's
-    yp = (2.0 * y.numpy() - 1.0).astype(np.float32)[:, None]
-    assert v.rank == np.linalg.matrix_rank(j)
-    assert v.details["rank_augmented"] == np.linalg.matrix_rank(np.hstack([j, yp]))
-    assert v.verdict == (VERIFIED if v.rank == v.details["rank_augmented"] else NOT_VERIFIED)
-    assert v.tolerance == pytest.approx(np.linalg.svd(j.astype(np.float64), compute_uv=False)[0]
-                                        * max(j.shape) * np.finfo(np.float32).eps, rel=1e-5)
-    f64 = alignment(model, x, y, loss=loss, precision="float64")
-    j64 = reference_jacobian(copy.deepcopy(model).double(), x.double()).numpy()
-    assert f64.precision == "float64" and f64.rank == np.linalg.matrix_rank(j64) >= v.rank
-
-
-def test_alignment_from_the_ntk_matches_the_jacobian_route_and_falls_back(monkeypatch):
-    """The default builds no J: its Gram is the float64 NTK. Where the Gram's uncertainty cannot
-    resolve the tolerance it must decide from the float32 J's factor, with the same ranks."""
-    import importlib
-    alignment_module = importlib.import_module("global_convergence.conditions.alignment")
-    torch.manual_seed(2)
-    model = LeNet(1, 1)
-    x = torch.randn(24, 1, 16, 16)
-    y = torch.randint(0, 2, (24,))
-    loss = make_loss("ce", 2)
-    fast = alignment(model, x, y, loss=loss)
-    assert fast.details["route"] == "gram-float64-eigh"
-    j = reference_jacobian(model, x)
-    direct = alignment_of_jacobian(j, 2.0 * y.double() - 1.0, n=24)
-    assert (fast.rank, fast.details["rank_augmented"]) == (direct.rank,
-                                                           direct.details["rank_augmented"])
-    assert fast.tolerance == pytest.approx(direct.tolerance, rel=1e-5)
-    monkeypatch.setattr(alignment_module, "FLOAT32_JACOBIAN_SAFETY", 1e12)
-    slow = alignment(model, x, y, loss=loss)            # the float32 J's own Gram, in float64
-    assert slow.details["route"] == "jacobian-gram-float64-eigh"
-    assert (slow.rank, slow.details["rank_augmented"]) == (direct.rank,
-                                                           direct.details["rank_augmented"])
-    monkeypatch.setattr(alignment_module, "gram_rounding_bound", lambda *args: 1e12)
-    slowest = alignment(model, x, y, loss=loss)         # neither Gram resolves: J's TSQR factor
-    assert slowest.details["route"] == "tsqr-float64-svd"
-    assert (slowest.rank, slowest.details["rank_augmented"]) == (direct.rank,
-                                                                 direct.details["rank_augmented"])
-    assert slowest.tolerance == pytest.approx(slow.tolerance, rel=1e-6)
-
-
-def test_alignment_from_the_gram_refuses_inf_and_survives_a_float32_jacobian_overflow(
-        monkeypatch):
-    import importlib
-    alignment_module = importlib.import_module("global_convergence.conditions.alignment")
-    j = torch.randn(6, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    y = torch.randn(6, dtype=torch.float64)
-    gram = j @ j.T
-    monkeypatch.setattr(alignment_module, "FLOAT32_JACOBIAN_SAFETY", 1e12)   # unresolved
-    overflowed = torch.full((6, 20), float("inf"))
-    v = alignment_of_gram(gram, y, d=20, jacobian=lambda: overflowed)
-    assert v.details["route"] == "gram-float64-eigh (unresolved; the float32 Jacobian overflows)"
-    assert v.rank == 6 and v.verdict == VERIFIED
-    gram[1, 2] = float("nan")
-    with pytest.raises(NumericalError, match="alignment: the Gram matrix J Jᵀ holds 1 non-finite"):
-        alignment_of_gram(gram, y, d=20)
-    with pytest.raises(NumericalError, match="alignment: the Jacobian holds 120 non-finite"):
-        alignment_of_jacobian(overflowed, y)
-
-
 def test_sample_index_stays_inside_large_n():
     from global_convergence.conditions.features import sample_index
     for n in (1, 2, 63, 64, 65, 1000, 16_777_220, 100_000_006):
@@ -272,11 +175,6 @@ def test_noise_floor_bounds_the_change_of_phi():
         phi = lambda zz: (gate_values(zz, q, 1.0)[:, :, None] * zz[:, None, :]).reshape(n, -1)
         change = torch.linalg.matrix_norm(phi(moved) - phi(z), ord=2)
         assert 0 < change <= floor
-
-
-def test_alignment_of_jacobian_checks_sizes():
-    with pytest.raises(UserInputError, match="rows"):
-        alignment_of_jacobian(torch.randn(10, 50), torch.randn(9))
 
 
 # ------------------------------------------------------------------ distinguishability, widths

@@ -20,6 +20,7 @@ from global_convergence.ntk import (
     smallest_eigenvalue,
     structured,
 )
+from global_convergence.ntk import plan as ntk_plan
 from global_convergence.models.analytic import _flush_denormal_state
 from global_convergence.ntk.common import SUBNORMAL_CUTOFF
 
@@ -222,32 +223,43 @@ def test_ntk_matches_brute_force(name, method):
 
 def test_structured_plan_falls_back_exactly_where_needed():
     net, xm = make("mlp")
-    plan = structured.plan_structured(net, xm)       # J is never formed for an MLP
-    assert plan.fallback == [] and {lp.strategy for lp in plan.layers} == {"gram"}
+    plan = ntk_plan.plan_structured(net, xm)       # J is never formed for an MLP
+    assert plan.fallback == []                      # a one-output last layer joins the rows
+    assert [lp.strategy for lp in plan.layers][:-1] == ["gram"] * (len(plan.layers) - 1)
     model, x = make("shared")
-    plan = structured.plan_structured(model, x)
-    planned = {id(lp.module) for lp in plan.layers}
-    assert id(model.shared) not in planned            # called twice
+    plan = ntk_plan.plan_structured(model, x)
+    planned = {lp.path for lp in plan.layers}
+    assert "shared" not in planned                    # called twice
     assert {"a.weight", "shared.weight", "shared.bias"} <= set(plan.fallback)   # tied, shared
     assert {"inp.weight", "inp.bias", "out.weight", "a.bias", "b.bias"}.isdisjoint(plan.fallback)
-    assert next(lp for lp in plan.layers if lp.module is model.seq).positions == 3
+    assert next(lp for lp in plan.layers if lp.path == "seq").positions == 3
     gated, xg = make("gated")
-    assert structured.plan_structured(gated, xg).fallback == ["weight", "out_weight", "scale"]
+    assert ntk_plan.plan_structured(gated, xg).fallback == ["weight", "out_weight", "scale"]
     cnn, xc = make("cnn")
-    plan = structured.plan_structured(cnn, xc)
+    plan = ntk_plan.plan_structured(cnn, xc)
     assert plan.fallback == []                  # eval-mode batch norm: a per-sample affine map
     assert [lp.kind for lp in plan.layers].count("batchnorm") == 2
     cnn.bn1.bias.requires_grad_(False)
     cnn.bn2.momentum = None                         # still eval mode: no effect on the plan
-    assert structured.plan_structured(cnn, xc).fallback == []
+    assert ntk_plan.plan_structured(cnn, xc).fallback == []
 
 
 @pytest.mark.parametrize("strategy", ["gram", "grad"])
 def test_both_convolution_contractions(monkeypatch, strategy):
     model, x = make("cnn")
-    monkeypatch.setattr(structured, "STRATEGY", strategy)
-    plan = structured.plan_structured(model, x)
+    monkeypatch.setattr(ntk_plan, "STRATEGY", strategy)
+    plan = ntk_plan.plan_structured(model, x)
     assert {lp.strategy for lp in plan.layers if lp.kind == "conv2d"} == {strategy}
+    assert rel(empirical_ntk(model, x, method="structured"), reference("cnn")[1]) < TOL32
+
+
+@pytest.mark.parametrize("channels", [0, 100])
+def test_both_per_sample_convolution_gradients(monkeypatch, channels):
+    """float32 per-sample convolution gradients by unfolded patches (0) or by one grouped
+    convolution (100): both exact, with zero, reflect and "same" padding, stride and dilation."""
+    model, x = make("cnn")
+    monkeypatch.setattr(ntk_plan, "STRATEGY", "grad")
+    monkeypatch.setattr(structured, "GROUPED_CONV_CHANNELS", channels)
     assert rel(empirical_ntk(model, x, method="structured"), reference("cnn")[1]) < TOL32
 
 

@@ -2,25 +2,33 @@
 
 With ``d ≫ n`` the Jacobian ``J`` (``n·m_y × d``) has full row rank in exact arithmetic, so the
 condition is trivial in float64; what separates data sets is the *numerically significant* column
-space. The default test is the paper's evident one (SPEC §4): a float32 Jacobian and
+space. The default test is the paper's evident one (docs/verifiers.md, "Alignment"): a float32 Jacobian and
 ``numpy.linalg.matrix_rank``'s default tolerance ``σ_max · max(rows, cols) · ε_float32``; the
 condition holds iff ``rank(J) = rank([J, vec(Y')])``. The tolerance *is* the definition here, so
 the verdict is *verified* / *not-verified* without an inconclusive band (values near the
 tolerance are flagged in ``details["near_tolerance"]``).
 
 Singular values come from ``G = J Jᵀ``, and ``[J, y'][J, y']ᵀ = G + y'y'ᵀ``. For the float32
-test ``G`` is the empirical NTK of a float64 copy of the model (:func:`~global_convergence.ntk.
-empirical_ntk`, structured where the layers allow: ``J`` is never formed — a check it decides
-takes 3.8 s instead of 27 s for LeNet with d = 355,681 at n = 1000); it differs from the float32
-``J``'s Gram by rounding of order ``ε₃₂ tr G`` (``FLOAT32_JACOBIAN_SAFETY`` times that is
-counted as eigenvalue uncertainty), far below a float32 tolerance squared.
-Where that uncertainty does not resolve the tolerance (most checks on trained LeNets) the float32
-``J`` is formed and its own Gram accumulated in float64 (exact products, float64 sums: 19 s
-instead of 34 s by TSQR there); where even that does not — and always for
-``precision="float64"`` — the singular values come from the TSQR factor ``R`` of ``Jᵀ``, whose
-augmented form is ``[R; y'ᵀ]``.
+test ``G`` is formed without ``J``: the float32 model's own activations and output-gradients
+(:func:`~global_convergence.ntk.structured.structured_gram`, structured where the layers allow)
+are contracted in float64, where their products are exact. Their exact derivative ``J̃`` (the
+derivative of the float32 forward and backward pass) rounded entrywise to float32 is the float32
+``J`` of the test: ``|J − J̃| ≤ u₃₂|J̃|``, so ``‖J − J̃‖₂ ≤ ‖J − J̃‖_F ≤ u₃₂ √tr G`` (plus the
+float64 rounding of the rows), and by Weyl's inequality for singular values every ``σ_i(J)``
+lies within that ``e`` of ``σ_i(J̃)`` (and likewise for ``[J, y']``). ``σ_i(J̃)² = λ_i(G)`` is
+known to ``γ_k tr G`` (float64 rounding of the Gram, ``k`` roundings per entry) plus ``eigh``'s
+backward error. A check is decided by the Gram when no singular value's interval meets the
+interval of the tolerance (``σ_max`` is uncertain by the same bounds): its ranks are then those
+of the float32 ``J``. (Another float32 evaluation of ``J``, summing the ``P`` products of a
+convolution entry in float32, may differ by up to ``γ_P Σ_p |δ_p||u_p|`` per entry; the verdict
+is about the correctly rounded one.) Where an interval does meet the tolerance's, the float32
+``J`` is formed by ``torch.func`` and its own Gram accumulated in float64 (exact products,
+float64 sums); where even that does not resolve — and always for ``precision="float64"`` — the
+singular values come from the TSQR factor ``R`` of ``Jᵀ``, whose augmented form is
+``[R; y'ᵀ]``. Train-mode batch norm (samples coupled) forms the float32 ``J`` by the whole-batch
+engine directly.
 
-Variants (options; they do not agree with the default and are reported, not mixed, SPEC §4):
+Variants (options; they do not agree with the default and are reported, not mixed, docs/verifiers.md):
 ``precision="float64"`` (a float64 Jacobian and tolerance) and ``method="residual"`` (verified
 iff the least-squares relative residual ``‖(I − P) y'‖ / ‖y'‖`` onto the significant column
 space is at most ``residual_threshold``).
@@ -40,19 +48,15 @@ from ..errors import UserInputError
 from ..linalg import (NOT_VERIFIED, RANK_BAND, VERIFIED, GramSpectrum, Verdict, cut,
                       numpy_tolerance, precision_name, projection_residual, require_finite,
                       singular_values, triangular_factor)
-from ..linalg.tolerance import dtype_of, gram_rounding_bound, in_band, machine_epsilon
+from ..linalg.tolerance import dtype_of, gamma, gram_rounding_bound, in_band
 from ..losses import Loss
 from .features import model_device
 
 ALIGNMENT_METHODS = ("rank", "residual")
 RESIDUAL_THRESHOLD = 1e-2
 """Default threshold of ``method="residual"``: verified iff at most 1 % of ``‖y'‖`` lies outside
-the numerically significant column space. A choice of this project: SPEC §4 measured 0.17–0.19
+the numerically significant column space. A choice of this project: docs/verifiers.md reports 0.17–0.19
 on two moons where the rank test held, so the variants disagree by design."""
-FLOAT32_JACOBIAN_SAFETY = 20.0
-"""The Gram of the float32 ``J`` is taken to differ from the float64 one by at most this many
-``ε₃₂ tr G``: an assumption, not a bound. Measured at initialisation: 0.12–0.18 for the `mlp`,
-0.05 for LeNet, 2.2 for ResNet-18 in train mode (n = 12)."""
 GRAM_COLUMN_CHUNK = 65536
 """Columns of ``J`` cast to float64 at a time when forming ``J Jᵀ`` or the TSQR factor."""
 
@@ -72,7 +76,7 @@ def alignment_targets(y: Tensor, n: int, loss: Loss | None) -> Tensor:
 
 def vec(targets: Tensor) -> Tensor:
     """``vec(Y')``: the columns stacked (all samples of output 1, then output 2, …), pairing
-    with the rows of ``J`` (SPEC §1)."""
+    with the rows of ``J`` (row ``j·n + i``, :mod:`global_convergence.ntk`)."""
     return targets.T.reshape(-1)
 
 
@@ -92,7 +96,7 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, *, loss: Loss | None = Non
     most ``residual_threshold``. Both report ``rank``, ``rank_augmented``, ``tolerance``,
     ``precision`` and ``relative_residual``.
     """
-    from ..ntk import empirical_ntk, jacobian
+    from ..ntk import jacobian
 
     _check_method(method)
     dtype = dtype_of(precision)
@@ -106,14 +110,14 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, *, loss: Loss | None = Non
             x.to(model_device(work))
         return jacobian(work, xs, chunk_size=chunk_size)
 
-    if dtype == torch.float32:
-        gram = empirical_ntk(model, x.to(model_device(model)), dtype=torch.float64,
-                             chunk_size=chunk_size)
+    gram = _float32_gram(model, x, chunk_size) if dtype == torch.float32 else None
+    if gram is not None:
         seconds = time.perf_counter() - start
         d = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        verdict = alignment_of_gram(gram, targets, d=d, n=n, method=method, tol=tol,
+        verdict = alignment_of_gram(gram.gram, targets, d=d, n=n, method=method, tol=tol,
                                     residual_threshold=residual_threshold,
-                                    jacobian=jacobian_in_precision)
+                                    jacobian=jacobian_in_precision, entry_error=gram.entry_error,
+                                    inner=gram.inner)
     else:
         j = jacobian_in_precision()
         seconds = time.perf_counter() - start
@@ -121,6 +125,25 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, *, loss: Loss | None = Non
                                         residual_threshold=residual_threshold)
     verdict.seconds["features"] = seconds
     return verdict
+
+
+def _float32_gram(model: nn.Module, x: Tensor, chunk_size: int | None):
+    """The float64 Gram of the float32 ``J`` from the float32 model's captures
+    (:class:`~global_convergence.ntk.structured.StructuredGram`), or None where samples are
+    coupled (batch statistics) or the graph changes between passes."""
+    from ..ntk.common import batch_statistics_modules, numerics_guard
+    from ..ntk.structured import StructureChanged, structured_gram
+
+    work = _in_precision(model, torch.float32)
+    if batch_statistics_modules(work):
+        return None
+    xs = x.to(device=model_device(work), dtype=torch.float32) if x.is_floating_point() else \
+        x.to(model_device(work))
+    try:
+        with numerics_guard(work):
+            return structured_gram(work, xs, torch.float64, chunk_size)
+    except StructureChanged:
+        return None
 
 
 def _in_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -135,7 +158,7 @@ def _in_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def alignment_of_jacobian(j: Tensor, y: Tensor, *, n: int | None = None, method: str = "rank",
                           precision: str | torch.dtype | None = None, tol: float | None = None,
                           residual_threshold: float = RESIDUAL_THRESHOLD) -> Verdict:
-    """The alignment verdict for a given Jacobian ``j`` (rows × d, SPEC §1 row order) and
+    """The alignment verdict for a given Jacobian ``j`` (rows × d, row ``j·n + i``) and
     ``y = vec(Y')`` (rows,). ``precision`` sets ``ε`` of the tolerance (default: ``j``'s dtype)."""
     _check_method(method)
     start = time.perf_counter()
@@ -150,16 +173,17 @@ def alignment_of_jacobian(j: Tensor, y: Tensor, *, n: int | None = None, method:
 def alignment_of_gram(gram: Tensor, y: Tensor, *, d: int, n: int | None = None,
                       method: str = "rank", tol: float | None = None,
                       residual_threshold: float = RESIDUAL_THRESHOLD,
-                      jacobian: Callable[[], Tensor] | None = None) -> Verdict:
-    """The float32 alignment verdict from ``G = J Jᵀ`` computed in float64 (e.g. the structured
-    empirical NTK of a float64 copy of the model), ``J`` having ``d`` columns.
+                      jacobian: Callable[[], Tensor] | None = None, entry_error: float = 0.0,
+                      inner: int | None = None) -> Verdict:
+    """The float32 alignment verdict from ``G = J̃ J̃ᵀ`` computed in float64, ``J̃`` (``d``
+    columns) within ``entry_error`` of the float32 ``J`` in the Frobenius norm (0: ``gram`` is
+    the float32 ``J``'s own Gram, e.g. ``J.double() @ J.double().T``).
 
-    The paper's test is on the float32 ``J``; its Gram differs from ``G`` by about ``ε₃₂ tr G``
-    (:data:`FLOAT32_JACOBIAN_SAFETY` times that is counted as the eigenvalue uncertainty, with
-    the float64 rounding). Where that uncertainty does not resolve the tolerance the singular
-    values come from the TSQR factor of ``jacobian()`` (float32) instead, as in
-    :func:`alignment_of_jacobian`; without ``jacobian`` the Gram's values are used and
-    ``details["near_tolerance"]`` says so.
+    Each singular value of ``J`` lies within ``entry_error`` of ``J̃``'s (Weyl), whose squares are
+    ``G``'s eigenvalues to ``γ_inner tr G`` (``inner``: roundings per entry of ``G``, default
+    ``d``) plus ``eigh``'s error. Where an interval meets the tolerance's, the singular values
+    come from ``jacobian()`` (the float32 ``J``) instead, as in :func:`alignment_of_jacobian`;
+    without ``jacobian`` the Gram's values are used and ``details["near_tolerance"]`` says so.
     """
     _check_method(method)
     start = time.perf_counter()
@@ -167,10 +191,8 @@ def alignment_of_gram(gram: Tensor, y: Tensor, *, d: int, n: int | None = None,
     require_finite(gram, "alignment", "the Gram matrix J Jᵀ")
     y = _target_vector(y, rows, gram.device)
     gram = gram.to(torch.float64)
-    trace = float(gram.trace())
-    rounding = gram_rounding_bound(d, trace, torch.float64) + \
-        FLOAT32_JACOBIAN_SAFETY * machine_epsilon(torch.float32) * trace
-    spectra = _spectra(gram, rounding, y, (rows, d), torch.float32, tol, jacobian)
+    rounding = gram_rounding_bound(inner or d, float(gram.trace()), torch.float64)
+    spectra = _spectra(gram, rounding, entry_error, y, (rows, d), torch.float32, tol, jacobian)
     return _verdict(spectra, y, n, (rows, d), torch.float32, method, residual_threshold, start)
 
 
@@ -202,6 +224,7 @@ def _verdict(spectra: dict[str, Any], y: Tensor, n: int | None, shape: tuple[int
         "tolerance_augmented": spectra["tol_aug"], "method": method,
         "route": spectra["route"], "rows": rows, "outputs": rows // n if n else None,
         "near_tolerance": _near(rank_cut, spectra["tol"]),
+        "singular_value_uncertainty": spectra.get("uncertainty"),
         "definition": "[K22] Definition 2: vec(Y') in Col(J(theta))"}
     if method == "residual":
         details["residual_threshold"] = residual_threshold
@@ -222,13 +245,14 @@ def _near(rank_cut, tol: float) -> bool:
                for v in (rank_cut.smallest_kept, rank_cut.largest_dropped))
 
 
-def _spectra(gram: Tensor, rounding: float, y: Tensor, shape: tuple[int, int],
-             dtype: torch.dtype, tol: float | None,
+def _spectra(gram: Tensor, rounding: float, entry_error: float, y: Tensor,
+             shape: tuple[int, int], dtype: torch.dtype, tol: float | None,
              jacobian: Callable[[], Tensor] | None) -> dict[str, Any]:
     """Singular values of ``J`` and ``[J, y]``, tolerances and an orthonormal basis of the left
-    singular vectors of ``J`` (descending): from ``gram`` (eigenvalue uncertainty ``rounding``)
-    where it resolves the tolerances, else from ``jacobian()`` (:func:`_jacobian_spectra`)."""
-    spectra, resolved = _gram_spectra(gram, rounding, y, shape, dtype, tol)
+    singular vectors of ``J`` (descending): from ``gram`` (eigenvalue uncertainty ``rounding``,
+    singular-value uncertainty ``entry_error``) where that resolves the tolerances, else from
+    ``jacobian()`` (:func:`_jacobian_spectra`)."""
+    spectra, resolved = _gram_spectra(gram, rounding, entry_error, y, shape, dtype, tol)
     j = None if resolved or jacobian is None else jacobian()
     if j is None or not bool(torch.isfinite(j).all()):
         why = "" if resolved else " (unresolved)" if j is None else \
@@ -237,19 +261,53 @@ def _spectra(gram: Tensor, rounding: float, y: Tensor, shape: tuple[int, int],
     return _jacobian_spectra(j, y, shape, dtype, tol)
 
 
-def _gram_spectra(gram: Tensor, rounding: float, y: Tensor, shape: tuple[int, int],
-                  dtype: torch.dtype, tol: float | None) -> tuple[dict[str, Any], bool]:
-    """The spectra from ``eigh`` of ``G`` and ``G + y yᵀ``, and whether no eigenvalue lies
-    within the uncertainty of a tolerance (so the ranks are those of ``J`` itself)."""
+def _intervals(spectrum: GramSpectrum, entry_error: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds ``[lo_i, hi_i]`` on the singular values of the matrix whose computed Gram has
+    ``spectrum``: ``√(λ_i ∓ δ_λ) ∓ e`` (δ_λ the eigenvalue uncertainty, e the distance of that
+    matrix from the one whose Gram it is)."""
+    lam, unc = spectrum.values, spectrum.uncertainty
+    lo = np.sqrt(np.clip(lam - unc, 0.0, None)) - entry_error
+    hi = np.sqrt(np.clip(lam + unc, 0.0, None)) + entry_error
+    return np.clip(lo, 0.0, None), hi
+
+
+def _resolved(spectrum: GramSpectrum, entry_error: float, shape: tuple[int, int],
+              dtype: torch.dtype, tol: float | None) -> bool:
+    """Whether no singular value's interval meets the tolerance's: the default tolerance
+    ``σ_max·max(shape)·ε`` spans ``[tol(lo_0), tol(hi_0)]``."""
+    lo, hi = _intervals(spectrum, entry_error)
+    if not lo.size:
+        return True
+    t_lo, t_hi = (tol, tol) if tol is not None else \
+        (numpy_tolerance(lo[0], shape, dtype), numpy_tolerance(hi[0], shape, dtype))
+    return bool(np.all((hi < t_lo) | (lo > t_hi)))
+
+
+def _values_only(gram: Tensor, rounding: float) -> GramSpectrum:
+    """:meth:`GramSpectrum.of` without eigenvectors (``eigvalsh``), the same uncertainty."""
+    values = torch.linalg.eigvalsh(gram).flip(0).cpu().numpy().astype(np.float64)
+    scale = float(np.abs(values).max()) if values.size else 0.0
+    return GramSpectrum(values, None, rounding + gamma(gram.shape[0], gram.dtype) * scale)
+
+
+def _gram_spectra(gram: Tensor, rounding: float, entry_error: float, y: Tensor,
+                  shape: tuple[int, int], dtype: torch.dtype,
+                  tol: float | None) -> tuple[dict[str, Any], bool]:
+    """The spectra from ``eigh`` of ``G`` and ``G + y yᵀ``, and whether they resolve the
+    tolerances (:func:`_resolved`: the ranks are then those of ``J`` itself)."""
     rows, d = shape
     spectrum = GramSpectrum.of(gram, rounding)
-    aug = GramSpectrum.of(gram + torch.outer(y, y), spectrum.uncertainty)
+    aug = _values_only(gram + torch.outer(y, y), spectrum.uncertainty)
     values, values_aug = spectrum.singular_values, aug.singular_values
     t = numpy_tolerance(values[0] if values.size else 0.0, (rows, d), dtype) if tol is None else tol
     t_aug = numpy_tolerance(values_aug[0], (rows, d + 1), dtype) if tol is None else tol
     spectra = {"values": values, "values_aug": values_aug, "tol": t, "tol_aug": t_aug,
-               "basis": spectrum.vectors, "method": "gram-eigh"}
-    return spectra, spectrum.resolves(t) and aug.resolves(t_aug)
+               "basis": spectrum.vectors, "method": "gram-eigh",
+               "uncertainty": float(_intervals(spectrum, entry_error)[1][0] - values[0])
+               if values.size else entry_error}
+    resolved = _resolved(spectrum, entry_error, (rows, d), dtype, tol) and \
+        _resolved(aug, entry_error, (rows, d + 1), dtype, tol)
+    return spectra, resolved
 
 
 def _jacobian_spectra(j: Tensor, y: Tensor, shape: tuple[int, int], dtype: torch.dtype,
@@ -261,7 +319,7 @@ def _jacobian_spectra(j: Tensor, y: Tensor, shape: tuple[int, int], dtype: torch
     rows, d = shape
     gram = _gram64(j)
     rounding = gram_rounding_bound(d, float(gram.trace()), torch.float64)
-    spectra, resolved = _gram_spectra(gram, rounding, y, shape, dtype, tol)
+    spectra, resolved = _gram_spectra(gram, rounding, 0.0, y, shape, dtype, tol)
     if resolved:
         return {**spectra, "route": "jacobian-gram-float64-eigh"}
     r = triangular_factor(c.to(torch.float64) for c in _column_chunks(j))

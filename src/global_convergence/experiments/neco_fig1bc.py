@@ -143,7 +143,7 @@ def run(ctx: Context, s: Fig1bcSettings) -> Path:
                   "zero error ⇔ Q_T stopped"], table),
         f"The paper's claim (zero error exactly when Q_T stops growing) holds in {agree} of "
         f"{len(rows)} runs here. Q_T counts failed checks every {s.alignment_every} steps "
-        "(float32 rank test, SPEC §4).")
+        "(float32 rank test, docs/verifiers.md).")
     report.figure(figure, "Training error and Q_T over steps (paper: Fig. 1b Semeion, 1c random)")
     report.choices("softplus")
     report.runs(runs)

@@ -1,6 +1,6 @@
 """Helpers shared by the Jacobian / NTK code: parameters, row layout, memory knobs, numerics.
 
-Row layout (SPEC §1). ``f_X ∈ R^{n×m_y}``; ``vec`` stacks its *columns*, so row ``j·n + i``
+Row layout (:mod:`global_convergence.ntk`). ``f_X ∈ R^{n×m_y}``; ``vec`` stacks its *columns*, so row ``j·n + i``
 (0-based) of ``J`` and of the NTK belongs to sample ``i``, output ``j``. Internally blocks are
 handled as ``(m_y, c, …)`` tensors (output-major, then the ``c`` samples of a chunk), and the NTK
 as its 4-D view ``K4[j, i, k, i'] = K[j·n + i, k·n + i']``.
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..models.analytic import flush_denormals
 
 SUBNORMAL_CUTOFF: float = math.sqrt(torch.finfo(torch.float32).tiny)
-"""float32 entries with ``|v| <`` this (≈1.08e-19) are set to 0 before large products (SPEC §2).
+"""float32 entries with ``|v| <`` this (≈1.08e-19) are set to 0 before large products (docs/performance.md, "Subnormals").
 
 Any product of two such entries is itself subnormal or zero, and their contribution to an NTK
 entry is below ``1e-19 ·`` the other factor — far below float32 rounding of entries of order
@@ -43,7 +43,6 @@ costs about one batch's activations of memory. Used where samples are coupled, a
 
 BATCHNORM = nn.modules.batchnorm._BatchNorm
 """Base class of BatchNorm1d/2d/3d (and SyncBatchNorm)."""
-_ZERO_PIECE = 2**20   # elements per step of zero_subnormals_
 
 F = TypeVar("F")
 
@@ -91,24 +90,21 @@ def samples_per_chunk(bytes_per_sample: float, n: int, m: int, chunk_size: int |
 
 
 def zero_subnormals_(t: Tensor) -> Tensor:
-    """Set float32 entries below :data:`SUBNORMAL_CUTOFF` in magnitude to 0, in place.
+    """Set float32 entries of magnitude at most :data:`SUBNORMAL_CUTOFF` to 0, in place (one
+    ``hardshrink`` pass; NaN and ±inf are kept).
 
     Other dtypes are returned unchanged (float64 subnormals start at 1e-308).
     """
     if t.dtype != torch.float32:
         return t
     if not t.is_contiguous():
-        return t.masked_fill_(t.abs() < SUBNORMAL_CUTOFF, 0.0)
-    flat = t.view(-1)
-    for start in range(0, flat.numel(), _ZERO_PIECE):        # small, cache-resident temporaries
-        piece = flat[start:start + _ZERO_PIECE]
-        piece.masked_fill_(piece.abs() < SUBNORMAL_CUTOFF, 0.0)
-    return t
+        return t.copy_(torch.nn.functional.hardshrink(t, SUBNORMAL_CUTOFF))
+    return torch.ops.aten.hardshrink.out(t, SUBNORMAL_CUTOFF, out=t)
 
 
 flush_denormal = flush_denormals
 """Flush-to-zero inside the block, the caller's setting restored (acts on the calling thread only,
-SPEC §2: the code also zeroes subnormals before large products, :func:`zero_subnormals_`, so
+docs/performance.md, "Subnormals": the code also zeroes subnormals before large products, :func:`zero_subnormals_`, so
 results never depend on it)."""
 
 
@@ -171,13 +167,13 @@ def with_dtype(model: nn.Module, x: Tensor, dtype: torch.dtype | None) -> tuple[
 def gram(a: Tensor, b: Tensor | None = None) -> Tensor:
     """``a bᵀ`` for row matrices (``a aᵀ`` when ``b`` is None).
 
-    On the CPU a symmetric product of a tall matrix (at most as many columns as rows, e.g. the
-    ``n × 300`` activations of the ``mlp``) goes through NumPy, whose BLAS call for ``a @ a.T`` is a
-    rank-k update computing one triangle: about 2–3× faster there than ``torch.mm``, which in
-    turn is faster for short, wide matrices such as blocks of Jacobian rows.
+    On the CPU a symmetric product goes through NumPy, whose BLAS call for ``a @ a.T`` is a
+    rank-k update computing one triangle (half the multiply-adds of ``torch.mm``); measured
+    faster for the tall activation matrices of the ``mlp`` and for the wide gradient rows of
+    LeNet's convolutions alike (docs/performance.md).
     """
     if (b is None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
-            and not a.requires_grad and a.dim() == 2 and a.shape[1] <= a.shape[0]):
+            and not a.requires_grad and a.dim() == 2):
         an = a.contiguous().numpy()
         return torch.from_numpy(an @ an.T)
     return a @ (a if b is None else b).T

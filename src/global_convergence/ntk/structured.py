@@ -1,4 +1,5 @@
-"""Structured empirical NTK: ``J Jᵀ`` as per-layer sums, without materialising ``J`` (SPEC §4).
+"""Structured empirical NTK: ``J Jᵀ`` as per-layer sums, without materialising ``J``
+(docs/performance.md, "Empirical NTK").
 
 The NTK is a sum over disjoint parameter groups, ``M = J Jᵀ = Σ_g J_g J_gᵀ``. For a layer that
 is linear in its weight, ``y_{i,p} = W u_{i,p} + b`` at positions ``p = 1..P`` of sample ``i``
@@ -12,23 +13,21 @@ so the layer's block of the NTK is
     M_l[(j,i),(k,i')] = Σ_{p,q} (δ^j_{i,p}·δ^k_{i',q}) (u_{i,p}·u_{i',q} + 1),
 
 which for ``P = 1`` is ``(Δ_l Δ_lᵀ) ⊙ (A_l A_lᵀ + 1)`` ([K22] notation: ``A_l`` the layer's
-inputs, ``Δ_l`` its output-gradients stacked output-major). Each layer uses the cheaper of two
-contractions (per pair of samples): **gram** — the position Grams above, ``P²(D_in + m²·C_out)``
-operations — or **grad** — per-sample gradients ``Σ_p δ u_pᵀ`` formed explicitly and contracted,
-``m²·C_out·D_in``. Linear layers always take *gram*; convolutions with many positions *grad*.
-Eval-mode batch norm, ``y = γ ⊙ x̂ + β`` with fixed statistics, is the diagonal case
-(``∂f_j/∂γ = Σ_p δ^j_p ⊙ x̂_p``), always *grad*.
+inputs, ``Δ_l`` its output-gradients stacked output-major); the ``+1`` (bias) is a column of ones
+appended to ``A_l``. Each layer takes the cheaper of two contractions (:mod:`.plan`): **gram** —
+the two Grams above, multiplied and accumulated — or **grad** — per-sample gradient rows
+``[Σ_p δ u_pᵀ, Σ_p δ]``, which all *grad* layers (and the fallback parameters) share: one
+symmetric product of all rows. Eval-mode batch norm, ``y = γ ⊙ x̂ + β`` with fixed statistics, is
+the diagonal case (``∂f_j/∂γ = Σ_p δ^j_p ⊙ x̂_p``), always *grad*.
 
-The inputs ``u`` come from forward hooks; the ``δ^j`` from ``m_y`` backward passes over the chunk
+The inputs ``u`` come from forward hooks; the ``δ^j`` from backward passes over the chunk
 (``grad_outputs`` = column ``j`` of ones), each giving all layers' output-gradients at once. That
 is exact only when ``f(x_i)`` depends on ``x_i`` alone, so batch norm using batch statistics is
 refused here (``empirical_ntk`` then takes the whole-batch Jacobian route).
 
-Every other trainable parameter — of other module types (layer norm, a raw ``nn.Parameter`` used
-via ``einsum``), of a module called more than once per forward (shared module), or one used
-outside its own layer's forward (tied weights) — falls back to per-sample ``torch.func``
-Jacobians ``J_p`` over just those parameters, contracted as ``J_p J_pᵀ``. Which parameters qualify
-is decided by one probe forward pass that records every use of every parameter.
+``compute_dtype`` contracts the captures of the model's own (e.g. float32) pass in a wider type:
+:func:`structured_gram` uses it for the alignment test's Gram of the float32 ``J`` (the pass's
+derivative rounded to float32) with a proven bound on its distance from the Gram's factor.
 """
 from __future__ import annotations
 
@@ -39,187 +38,43 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
-from .common import (
-    BATCHNORM,
-    BLOCK_ELEMENTS,
-    gram,
-    output_matrix,
-    pairwise_blocks,
-    samples_per_chunk,
-    trainable_parameters,
-    zero_subnormals_,
-)
+from . import common
+from .common import (BLOCK_ELEMENTS, gram, output_matrix, pairwise_blocks, samples_per_chunk,
+                     zero_subnormals_)
 from .jacobian import per_sample_jacobian
+from .plan import LayerPlan, StructureChanged, StructuredPlan, cached_plan
 
-PROBE_SAMPLES: int = 2
-"""Samples in the probe forward pass that decides which parameters are handled structurally."""
-
-STRATEGY: str = "auto"
-"""Contraction for layers with several positions: "auto" (cheaper by operation count), "gram"
-or "grad". Layers with one position (flat ``nn.Linear``) always use "gram"."""
-
-
-class StructureChanged(RuntimeError):
-    """A layer ran a different number of times (or on a different batch axis) than in the probe."""
-
-
-@dataclass
-class LayerPlan:
-    """How one ``nn.Linear`` / ``nn.Conv2d`` / eval-mode batch-norm layer contributes.
-
-    ``kind``: see :func:`layer_kind`. ``weight`` / ``bias``: whether that parameter's block is
-    computed from the captures (else it is not trainable, or falls back). ``positions`` P,
-    ``fan_in`` D_in, ``fan_out`` C_out as above. ``strategy``: "gram" (position Grams, bias fused
-    as ``+1``) or "grad" (per-sample gradients).
-    """
-
-    module: nn.Module
-    kind: str
-    weight: bool
-    bias: bool
-    positions: int
-    fan_in: int
-    fan_out: int
-    strategy: str = "gram"
-
-
-@dataclass
-class StructuredPlan:
-    """The layers computed from captures, the parameters that fall back, and ``m_y``."""
-
-    layers: list[LayerPlan]
-    fallback: list[str]
-    outputs: int
+__all__ = ["StructureChanged", "StructuredGram", "structured_gram", "structured_ntk"]
 
 
 @dataclass
 class ChunkFeatures:
-    """Per-chunk data: ``(U, D, bias)`` of the *gram* layers and the explicit gradient rows.
+    """Per-chunk data: ``(U, D)`` of the *gram* layers and the gradient rows of the others.
 
-    ``U``: ``(c, P, D_in)`` inputs/patches; ``D``: ``(m, c, P, C_out)`` output-gradients;
-    ``rows``: ``(m, c, k)`` per-sample gradients of the *grad* layers and fallback parameters.
+    ``U``: ``(c, P, D_in [+1])`` inputs/patches (a ones column for the bias); ``D``:
+    ``(m, c, P, C_out)`` output-gradients; ``rows``: ``(m, c, k)`` per-sample gradients of the
+    *grad* layers and fallback parameters. ``abs_sq``: ``Σ_l γ_l² ‖|J_l|‖_F²`` over the chunk
+    (:func:`structured_gram`), else 0.
     """
 
-    grams: list[tuple[Tensor, Tensor, bool]] = field(default_factory=list)
+    grams: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     rows: Tensor | None = None
+    abs_sq: float = 0.0
 
     def nbytes(self) -> int:
         """Memory held by this chunk's tensors."""
-        size = sum(t.numel() * t.element_size() for u, d, _ in self.grams for t in (u, d))
+        size = sum(t.numel() * t.element_size() for u, d in self.grams for t in (u, d))
         return size + (self.rows.numel() * self.rows.element_size() if self.rows is not None else 0)
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """"linear" / "conv2d" / "batchnorm" for the layers the structured method understands.
-
-    Batch norm counts only in eval mode with running statistics (a per-sample affine map
-    ``y = γ ⊙ x̂ + β``, ``x̂ = (x − μ)/sqrt(σ² + ε)`` with fixed μ, σ²). Subclasses that override
-    ``forward`` (or the convolution itself) and grouped convolutions are not understood: None.
-    """
-    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
-        return "linear"
-    if (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
-            and type(module)._conv_forward is nn.Conv2d._conv_forward and module.groups == 1):
-        return "conv2d"
-    if (isinstance(module, BATCHNORM) and type(module).forward is BATCHNORM.forward
-            and not module.training and module.running_mean is not None and module.affine):
-        return "batchnorm"
-    return None
-
-
-class _ParameterUseRecorder(TorchFunctionMode):
-    """Records, for every use of a trainable parameter in a torch function, the layer running.
-
-    ``current`` is the supported layer whose forward is executing (set by its hooks), or None.
-    """
-
-    def __init__(self, names_by_id: dict[int, str]) -> None:
-        super().__init__()
-        self.names_by_id = names_by_id
-        self.current: nn.Module | None = None
-        self.uses: dict[str, list[nn.Module | None]] = defaultdict(list)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for leaf in pytree.tree_leaves((args, kwargs)):
-            name = self.names_by_id.get(id(leaf)) if isinstance(leaf, Tensor) else None
-            if name is not None:
-                self.uses[name].append(self.current)
-        return func(*args, **kwargs)
-
-
-def plan_structured(model: nn.Module, x: Tensor) -> StructuredPlan:
-    """Decide, from one probe pass on the first samples of ``x``, how each parameter is handled.
-
-    A parameter is structured when it is the ``weight`` or ``bias`` of a supported layer, that
-    layer runs exactly once, and the parameter is used exactly once — inside that layer.
-    """
-    params = trainable_parameters(model)
-    recorder = _ParameterUseRecorder({id(p): name for name, p in params.items()})
-    calls: dict[nn.Module, list[tuple[torch.Size, torch.Size]]] = defaultdict(list)
-    candidates = [mod for mod in model.modules() if layer_kind(mod) is not None
-                  and any(p.requires_grad for p in mod.parameters(recurse=False))]
-
-    def enter(mod: nn.Module, inputs: tuple) -> None:
-        recorder.current = mod
-
-    def leave(mod: nn.Module, inputs: tuple, output: Tensor) -> None:
-        recorder.current = None
-        calls[mod].append((inputs[0].shape, output.shape))
-
-    handles = [h for mod in candidates for h in (mod.register_forward_pre_hook(enter),
-                                                  mod.register_forward_hook(leave))]
-    probe = x[:PROBE_SAMPLES]
-    try:
-        with torch.no_grad(), recorder:
-            m = output_matrix(model(probe), probe.shape[0]).shape[1]
-    finally:
-        for h in handles:
-            h.remove()
-    names = {id(p): name for name, p in params.items()}
-    layers, structured = [], set()
-    for mod in candidates:
-        in_shape, out_shape = calls[mod][0] if len(calls[mod]) == 1 else ((), ())
-        if not in_shape or in_shape[0] != len(probe) or out_shape[0] != len(probe):
-            continue                          # not run once on the batch axis: all fall back
-        own = {role: names.get(id(mod._parameters.get(role))) for role in ("weight", "bias")}
-        ok = {role: name is not None and recorder.uses[name] == [mod] for role, name in own.items()}
-        if ok["weight"] or ok["bias"]:
-            layers.append(_layer_plan(mod, ok["weight"], ok["bias"], out_shape, m, len(x)))
-            structured |= {own[role] for role in ok if ok[role]}
-    return StructuredPlan(layers, [name for name in params if name not in structured], m)
-
-
-def _layer_plan(mod: nn.Module, weight: bool, bias: bool, out_shape: torch.Size, m: int,
-                n: int) -> LayerPlan:
-    """Geometry (P, D_in, C_out) and the cheaper contraction for one layer."""
-    kind = layer_kind(mod)
-    if kind == "linear":
-        positions, fan_in, fan_out = math.prod(out_shape[1:-1]), mod.in_features, mod.out_features
-    elif kind == "batchnorm":                 # γ ⊙ x̂: a per-channel (diagonal) weight
-        return LayerPlan(mod, kind, weight, bias, math.prod(out_shape[2:]), 1, mod.num_features,
-                         "grad")
-    else:
-        positions = math.prod(out_shape[2:])
-        fan_in = mod.in_channels * math.prod(mod.kernel_size)
-        fan_out = mod.out_channels
-    gram_cost = positions**2 * (fan_in + m * m * fan_out)
-    grad_cost = m * m * fan_out * fan_in + 2 * m * positions * fan_out * fan_in / max(n, 1)
-    prefer_gram = {"auto": gram_cost <= grad_cost, "gram": True, "grad": False}[STRATEGY]
-    strategy = "gram" if weight and (positions == 1 or prefer_gram) else "grad"
-    return LayerPlan(mod, kind, weight, bias, positions, fan_in, fan_out, strategy)
 
 
 def bytes_per_sample(plan: StructuredPlan, model: nn.Module, itemsize: int) -> float:
     """Estimated memory of one sample's :class:`ChunkFeatures` (and transient patches)."""
     m, total = plan.outputs, 0.0
     for lp in plan.layers:
-        total += lp.positions * (lp.fan_in + 2 * m * lp.fan_out)
+        total += lp.positions * (lp.fan_in + 1 + 2 * m * lp.fan_out)
         if lp.strategy == "grad":
-            total += m * (lp.fan_out * lp.fan_in * lp.weight + lp.fan_out * lp.bias)
+            total += m * lp.fan_out * (lp.fan_in * lp.weight + lp.bias)
     params = dict(model.named_parameters())
     total += m * sum(params[name].numel() for name in plan.fallback)
     return total * itemsize
@@ -228,7 +83,8 @@ def bytes_per_sample(plan: StructuredPlan, model: nn.Module, itemsize: int) -> f
 def _normalized(bn: nn.Module, inp: Tensor) -> Tensor:
     """``x̂ = (x − μ) / sqrt(σ² + ε)`` of an eval-mode batch norm, channels on dim 1."""
     shape = (1, -1) + (1,) * (inp.dim() - 2)
-    return (inp - bn.running_mean.view(shape)) * torch.rsqrt(bn.running_var.view(shape) + bn.eps)
+    mean, var = bn.running_mean.to(inp.dtype), bn.running_var.to(inp.dtype)
+    return (inp - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
 
 
 def _patches(conv: nn.Conv2d, inp: Tensor) -> Tensor:
@@ -242,33 +98,36 @@ def _patches(conv: nn.Conv2d, inp: Tensor) -> Tensor:
                     stride=conv.stride)
 
 
-def _hooked_forward(model: nn.Module, plan: StructuredPlan,
-                    x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+def _hooked_forward(model: nn.Module, modules: list[nn.Module], x: Tensor,
+                    clone: bool) -> tuple[Tensor, list[tuple[Tensor, Tensor]]] | None:
     """``f_X`` (c × m, with graph) and each planned layer's ``(input, output)`` on ``x``.
 
-    The hook hands on a copy of the layer's output, so that later in-place operations cannot
-    alter the tensor whose gradient is taken.
+    Without ``clone`` the layer outputs are used as they are, and None is returned when a later
+    in-place operation changed one of them (its gradient would be the wrong one); with ``clone``
+    the model continues on a copy.
     """
     c = x.shape[0]
-    records: dict[nn.Module, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+    records: dict[nn.Module, list[tuple[Tensor, Tensor, int]]] = defaultdict(list)
 
-    def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        records[mod].append((inputs[0].detach(), output))
-        return output.clone()
+    def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        records[mod].append((inputs[0].detach(), output, output._version))
+        return output.clone() if clone else None
 
-    handles = [lp.module.register_forward_hook(hook) for lp in plan.layers]
+    handles = [mod.register_forward_hook(hook) for mod in modules]
     try:
         with torch.enable_grad():
             out = output_matrix(model(x), c)
     finally:
         for h in handles:
             h.remove()
-    for lp in plan.layers:
-        got = records[lp.module]
+    for mod in modules:
+        got = records[mod]
         if len(got) != 1 or got[0][0].shape[0] != c:
-            raise StructureChanged(f"{lp.module} ran {len(got)} times on a chunk (once in the "
-                                   "probe); the structured NTK needs a fixed graph")
-    return out, [records[lp.module][0] for lp in plan.layers]
+            raise StructureChanged(f"{mod} ran {len(got)} times on a chunk (once in the probe); "
+                                   "the structured NTK needs a fixed graph")
+        if got[0][1]._version != got[0][2]:
+            return None
+    return out, [records[mod][0][:2] for mod in modules]
 
 
 def _output_gradients(out: Tensor, ys: list[Tensor]) -> list[Tensor]:
@@ -279,52 +138,79 @@ def _output_gradients(out: Tensor, ys: list[Tensor]) -> list[Tensor]:
     """
     m = out.shape[1]
     live = [k for k, y in enumerate(ys) if y.requires_grad]
-    deltas: list[list[Tensor]] = [[] for _ in ys]
+    deltas = [y.new_zeros((m, *y.shape)) for y in ys] if m > 1 else [None] * len(ys)
     ones = torch.ones(out.shape[0], dtype=out.dtype, device=out.device)
     for j in range(m):
-        grads: list[Tensor | None] = [None] * len(ys)
-        if live and out.requires_grad:
-            found = torch.autograd.grad(out[:, j], [ys[k] for k in live], grad_outputs=ones,
-                                        retain_graph=j < m - 1, allow_unused=True)
-            for k, g in zip(live, found):
-                grads[k] = g
-        for acc, g, y in zip(deltas, grads, ys):
-            acc.append(g if g is not None else torch.zeros_like(y))
-    return [torch.stack(acc) for acc in deltas]
+        found = torch.autograd.grad(out[:, j], [ys[k] for k in live], grad_outputs=ones,
+                                    retain_graph=j < m - 1, allow_unused=True) \
+            if live and out.requires_grad else [None] * len(live)
+        for k, g in zip(live, found):
+            if g is not None and m == 1:
+                deltas[k] = g.unsqueeze(0)
+            elif g is not None:
+                deltas[k][j] = g
+    return [d if d is not None else y.new_zeros((1, *y.shape)) for d, y in zip(deltas, ys)]
 
 
-def capture(model: nn.Module, plan: StructuredPlan, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+def capture(model: nn.Module, plan: StructuredPlan, x: Tensor,
+            zero: bool = True) -> list[tuple[Tensor, Tensor]]:
     """Inputs and output-gradients ``(a, δ)`` of the planned layers for the samples ``x``.
 
-    ``a`` is the layer's input as captured, ``δ`` has shape ``(m, *output shape)``. float32
-    entries below the subnormal cutoff are zeroed (patches and products made from them inherit
-    the zeros).
+    ``a`` is the layer's input as captured, ``δ`` has shape ``(m, *output shape)``. With
+    ``zero``, float32 entries below the subnormal cutoff are set to 0 (docs/performance.md,
+    "Subnormals").
     """
-    out, records = _hooked_forward(model, plan, x)
+    modules = [model.get_submodule(lp.path) for lp in plan.layers]
+    got = _hooked_forward(model, modules, x, clone=False) or \
+        _hooked_forward(model, modules, x, clone=True)
+    out, records = got
     deltas = _output_gradients(out, [y for _, y in records])
-    return [(zero_subnormals_(inp.contiguous()), zero_subnormals_(delta))
-            for (inp, _), delta in zip(records, deltas)]
+    pairs = [(inp.contiguous(), delta) for (inp, _), delta in zip(records, deltas)]
+    return [(zero_subnormals_(a), zero_subnormals_(d)) for a, d in pairs] if zero else pairs
 
 
-def _positions_last(lp: LayerPlan, inp: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """``u`` as ``(c, D_in, P)`` and ``δ`` as ``(m, c, C_out, P)``: each layer's natural layout.
-
-    Linear layers get their positions moved last; convolutions their input patches; batch norm
-    its normalised input ``x̂`` (``D_in = C_out`` channels: a diagonal weight).
-    """
+def _positions_last(lp: LayerPlan, mod: nn.Module, inp: Tensor,
+                    delta: Tensor) -> tuple[Tensor, Tensor]:
+    """``u`` as ``(c, D_in, P)`` and ``δ`` as ``(m, c, C_out, P)``: each layer's natural layout."""
     m, c = delta.shape[:2]
     if lp.kind == "linear":
         u = inp.reshape(c, lp.positions, lp.fan_in).transpose(1, 2)
         return u, delta.reshape(m, c, lp.positions, lp.fan_out).transpose(2, 3)
     if lp.kind == "batchnorm":
-        u = _normalized(lp.module, inp).reshape(c, lp.fan_out, lp.positions)
+        u = _normalized(mod, inp).reshape(c, lp.fan_out, lp.positions)
     else:
-        u = _patches(lp.module, inp) if lp.weight else inp.new_empty(c, 0, lp.positions)
+        u = _patches(mod, inp) if lp.weight else inp.new_empty(c, 0, lp.positions)
     return u, delta.reshape(m, c, lp.fan_out, lp.positions)
 
 
+GROUPED_CONV_CHANNELS: int = 8
+"""float32 convolutions with fewer input channels get their per-sample weight gradients from one
+grouped convolution of the inputs with the output-gradients (:func:`_conv_weight_rows`) instead
+of unfolded patches and a batched product (measured 1.6–1.9× faster with one input channel,
+slower with 32; float64 grouped convolutions have no fast kernel; docs/performance.md)."""
+
+
+def _conv_weight_rows(conv: nn.Conv2d, inp: Tensor, delta: Tensor) -> Tensor:
+    """Per-sample ``∂f_j/∂W = Σ_p δ_p u_pᵀ`` of a convolution as ``(m, c, C_out·C_in·kh·kw)``.
+
+    The correlation of sample i's padded input with its output-gradient: one convolution with
+    the samples as groups (batch axis = input channels), the layer's stride as dilation and its
+    dilation as stride.
+    """
+    m, c, cout = delta.shape[:3]
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(conv.padding):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        inp = F.pad(inp, conv._reversed_padding_repeated_twice, mode=mode)
+    kernel = delta.transpose(0, 1).reshape(c * m * cout, 1, *delta.shape[3:])
+    out = F.conv2d(inp.transpose(0, 1), kernel, stride=conv.dilation, dilation=conv.stride,
+                   groups=c)
+    kh, kw = conv.kernel_size
+    out = out[..., :kh, :kw].reshape(conv.in_channels, c, m, cout, kh, kw)
+    return out.permute(2, 1, 3, 0, 4, 5).reshape(m, c, -1)
+
+
 def _gradient_rows(lp: LayerPlan, u: Tensor, d: Tensor) -> list[Tensor]:
-    """Per-sample gradients of a *grad*-strategy layer as ``(m, c, ·)`` row blocks.
+    """Per-sample gradients of a layer as ``(m, c, ·)`` row blocks.
 
     Weight: ``Σ_p δ_p u_pᵀ`` (``Σ_p δ_p ⊙ x̂_p`` for batch norm); bias: ``Σ_p δ_p``.
     """
@@ -332,44 +218,89 @@ def _gradient_rows(lp: LayerPlan, u: Tensor, d: Tensor) -> list[Tensor]:
     rows = []
     if lp.weight and lp.kind == "batchnorm":
         rows.append(torch.einsum("mcop,cop->mco", d, u))
+    elif lp.weight and lp.positions == 1:
+        rows.append((d[..., 0, None] * u[None, :, None, :, 0]).reshape(m, c, -1))
     elif lp.weight:
-        rows.append(torch.einsum("mcop,cip->mcoi", d, u).reshape(m, c, -1))
+        rows.append(torch.matmul(d, u.transpose(1, 2).unsqueeze(0)).reshape(m, c, -1))
     if lp.bias:
         rows.append(d.sum(3))
     return rows
 
 
-def chunk_features(model: nn.Module, plan: StructuredPlan, x: Tensor) -> ChunkFeatures:
-    """:class:`ChunkFeatures` of the samples ``x``: captures plus explicit gradient rows."""
+def _entry_rounding(lp: LayerPlan, unit: float, own_unit: float) -> float:
+    """``γ`` of one entry of this layer's ``J`` block evaluated from the captures: a sum of ``P``
+    products in ``unit``; batch norm adds 5 roundings in the model's ``own_unit`` for ``x̂``
+    (subtraction, ``+ε``, square root, reciprocal, product), which the model computed itself."""
+    k = lp.positions * unit + (5 * own_unit if lp.kind == "batchnorm" else 0.0)
+    return k / (1 - k)
+
+
+def _abs_frobenius_sq(lp: LayerPlan, u: Tensor, d: Tensor) -> float:
+    """``‖|J_l|‖_F²`` over the chunk, ``|J_l|`` with entries ``Σ_p |δ_p||u_p|`` (and ``Σ_p |δ_p|``
+    for the bias), from ``u`` ``(c, D_in, P)`` and ``δ`` ``(m, c, C_out, P)``."""
+    ones = 1.0 if lp.bias else 0.0
+    if lp.positions == 1 and lp.kind == "linear":      # ‖δ‖² (‖u‖² + 1) per sample and output
+        return float((d.square().sum(2)[..., 0] * (u.square().sum(1)[:, 0] + ones)).sum())
+    if lp.kind != "batchnorm" and lp.positions * (lp.fan_in + lp.fan_out) < lp.fan_in * lp.fan_out:
+        du = torch.einsum("mcop,mcoq->mcpq", d.abs(), d.abs())      # Σ_{p,q} |δ_p|·|δ_q| ...
+        uu = torch.einsum("cip,ciq->cpq", u.abs(), u.abs()) + ones  # ... (|u_p|·|u_q| + 1)
+        return float((du * uu).sum())
+    return float(sum(r.square().sum() for r in _gradient_rows(lp, u.abs(), d.abs())))
+
+
+def chunk_features(model: nn.Module, plan: StructuredPlan, x: Tensor,
+                   compute_dtype: torch.dtype | None = None,
+                   entry_unit: float | None = None) -> ChunkFeatures:
+    """:class:`ChunkFeatures` of the samples ``x``: captures plus gradient rows, in
+    ``compute_dtype`` (default: the model's). With ``entry_unit`` (``compute_dtype``'s unit
+    roundoff), also ``abs_sq = Σ_l γ_l² ‖|J_l|‖_F²`` (:func:`_entry_rounding`).
+    """
     feats, rows = ChunkFeatures(), []
-    if plan.layers:
-        for lp, (inp, delta) in zip(plan.layers, capture(model, plan, x)):
-            u, d = _positions_last(lp, inp, delta)
-            if lp.strategy == "gram":     # (c, P, D_in) and (m, c, P, C_out) for the Grams
-                feats.grams.append((u.transpose(1, 2).contiguous(),
-                                    d.transpose(2, 3).contiguous(), lp.bias))
-            else:
-                rows.extend(_gradient_rows(lp, u, d))
+    captured = capture(model, plan, x, zero=compute_dtype is None) if plan.layers else []
+    for lp, (inp, delta) in zip(plan.layers, captured):
+        own_unit = torch.finfo(inp.dtype).eps / 2 if inp.is_floating_point() else 0.0
+        if compute_dtype is not None:
+            inp, delta = inp.to(compute_dtype), delta.to(compute_dtype)
+        mod = model.get_submodule(lp.path)
+        if (lp.kind == "conv2d" and lp.strategy == "grad" and lp.weight
+                and mod.in_channels < GROUPED_CONV_CHANNELS and inp.dtype == torch.float32):
+            rows.append(_conv_weight_rows(mod, inp, delta))
+            if lp.bias:
+                rows.append(delta.flatten(3).sum(3))
+            if entry_unit is not None:        # |J_l| from |u|, |δ| by the same convolution
+                k = _entry_rounding(lp, entry_unit, own_unit)
+                absolute = _conv_weight_rows(mod, inp.abs(), delta.abs())
+                bias = delta.abs().flatten(3).sum(3).square().sum() if lp.bias else 0.0
+                feats.abs_sq += k**2 * float(absolute.square().sum() + bias)
+            continue
+        u, d = _positions_last(lp, mod, inp, delta)
+        if entry_unit is not None:
+            feats.abs_sq += _entry_rounding(lp, entry_unit, own_unit) ** 2 * \
+                _abs_frobenius_sq(lp, u, d)
+        if lp.strategy == "gram":     # (c, P, D_in [+1]) and (m, c, P, C_out) for the Grams
+            ut = u.transpose(1, 2)
+            if lp.bias:
+                ut = torch.cat([ut, ut.new_ones(ut.shape[:2] + (1,))], dim=2)
+            feats.grams.append((ut.contiguous(), d.transpose(2, 3).contiguous()))
+        else:
+            rows.extend(_gradient_rows(lp, u, d))
     if plan.fallback:
-        rows.append(per_sample_jacobian(model, x, plan.fallback))
+        jac = per_sample_jacobian(model, x, plan.fallback)
+        rows.append(jac if compute_dtype is None else jac.to(compute_dtype))
     if rows:
-        feats.rows = zero_subnormals_(torch.cat(rows, dim=2))
+        feats.rows = zero_subnormals_(rows[0] if len(rows) == 1 else torch.cat(rows, dim=2))
     return feats
 
 
 def _gram_layer_into(block: Tensor | None, ua: Tensor, da: Tensor, ub: Tensor, db: Tensor,
-                     bias: bool, same: bool) -> Tensor:
-    """Add ``Σ_{p,q} (δ^j_{i,p}·δ^k_{i',q}) (u_{i,p}·u_{i',q} + [bias])`` to ``block``.
-
-    ``block`` is ``(m, c_a, m, c_b)`` or None (then a new one is returned). For ``P = 1`` this is
-    ``(D_a D_bᵀ) ⊙ (U_a U_bᵀ + 1)``, accumulated with one fused multiply-add.
-    """
+                     same: bool) -> Tensor:
+    """Add ``Σ_{p,q} (δ^j_{i,p}·δ^k_{i',q}) (u_{i,p}·u_{i',q})`` to ``block`` (the ``u`` carry
+    the bias's ones). ``block`` is ``(m, c_a, m, c_b)`` or None (then a new one is returned).
+    For ``P = 1`` this is ``(D_a D_bᵀ) ⊙ (U_a U_bᵀ)``, one fused multiply-add."""
     m, ca, positions, fan_out = da.shape
     cb = db.shape[1]
     if positions == 1:
         gu = gram(ua[:, 0]) if same else ua[:, 0] @ ub[:, 0].T
-        if bias:
-            gu += 1.0
         dflat_a = da.reshape(m * ca, fan_out)
         gd = gram(dflat_a) if same else dflat_a @ db.reshape(m * cb, fan_out).T
         gd, gu = gd.view(m, ca, m, cb), gu.view(1, ca, 1, cb)
@@ -382,8 +313,6 @@ def _gram_layer_into(block: Tensor | None, ua: Tensor, da: Tensor, ub: Tensor, d
         for k0 in range(0, cb, step):
             k1 = min(k0 + step, cb)
             gu = ua[i0:i1].flatten(0, 1) @ ub[k0:k1].flatten(0, 1).T
-            if bias:
-                gu += 1.0
             gd = da[:, i0:i1].reshape(-1, fan_out) @ db[:, k0:k1].reshape(-1, fan_out).T
             gd = gd.view(m, i1 - i0, positions, m, k1 - k0, positions)
             gu = gu.view(1, i1 - i0, positions, 1, k1 - k0, positions)
@@ -400,25 +329,76 @@ def contract(fa: ChunkFeatures, fb: ChunkFeatures) -> Tensor:
         cb = fb.rows.shape[1]
         ra = fa.rows.reshape(m * ca, k)
         block = (gram(ra) if same else ra @ fb.rows.reshape(m * cb, k).T).view(m, ca, m, cb)
-    for (ua, da, bias), (ub, db, _) in zip(fa.grams, fb.grams):
-        block = _gram_layer_into(block, ua, da, ub, db, bias, same)
+    for (ua, da), (ub, db) in zip(fa.grams, fb.grams):
+        block = _gram_layer_into(block, ua, da, ub, db, same)
     return block
 
 
-def structured_ntk(model: nn.Module, x: Tensor, chunk_size: int | None = None) -> Tensor:
-    """``J Jᵀ`` (``n·m_y`` square, SPEC §1 order) by per-layer sums; samples must be independent.
+@dataclass
+class StructuredGram:
+    """``gram``: ``J̃ J̃ᵀ`` formed in ``compute_dtype`` from the model's own captures, ``J̃`` the
+    exact derivative of the model's pass (products and sums of its captured activations and
+    output-gradients; the fallback parameters' rows as computed). ``entry_error``: a bound on
+    ``‖J − J̃‖_F`` for ``J`` = ``J̃`` with every entry rounded to the model's dtype
+    (``|J − J̃| ≤ u|J̃|`` entrywise, so ``‖J − J̃‖_F ≤ u‖J̃‖_F = u √tr(J̃J̃ᵀ)``), plus
+    ``compute_dtype``'s own rounding of the gradient rows (``γ_P Σ_p |δ_p||u_p|`` per entry).
+    ``inner``: the most roundings of one Gram entry in ``compute_dtype`` (for
+    :func:`global_convergence.linalg.tolerance.gram_rounding_bound`)."""
 
-    Call through :func:`global_convergence.ntk.empirical_ntk`, which sets the numerics guard and
-    refuses coupled (batch-statistics) models for this method.
-    """
-    n = x.shape[0]
-    plan = plan_structured(model, x)
-    dtype = next((p.dtype for p in model.parameters()), x.dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    m = plan.outputs
+    gram: Tensor
+    entry_error: float
+    inner: int
+
+
+def structured_gram(model: nn.Module, x: Tensor, compute_dtype: torch.dtype = torch.float64,
+                    chunk_size: int | None = None) -> StructuredGram:
+    """:class:`StructuredGram` of ``model`` (its own dtype, e.g. float32) on ``x``; samples must
+    be independent. Call inside :func:`.common.numerics_guard`."""
+    plan = cached_plan(model, x)
+    own = next((p.dtype for p in model.parameters()), x.dtype)
+    gram_, abs_sq = _ntk(model, x, plan, chunk_size, compute_dtype,
+                         torch.finfo(compute_dtype).eps / 2)
+    widths = [lp.positions**2 * (lp.fan_in + 1 + lp.fan_out) if lp.strategy == "gram"
+              else lp.fan_out * (lp.fan_in + 1) + lp.positions for lp in plan.layers]
+    params = dict(model.named_parameters())
+    inner = sum(widths) + sum(params[n].numel() for n in plan.fallback) + len(widths) + 2
+    # ‖J̃‖_F ≤ √(tr G (1 + γ)) + (the rows' own rounding); rounding J̃ to ``own`` moves it u‖J̃‖_F
+    norm = math.sqrt(max(float(gram_.trace()), 0.0) * (1 + inner * torch.finfo(compute_dtype).eps))
+    rounding = torch.finfo(own).eps / 2 * (norm + math.sqrt(abs_sq)) if own != compute_dtype \
+        else 0.0
+    return StructuredGram(gram_, rounding + math.sqrt(abs_sq), inner)
+
+
+def _ntk(model: nn.Module, x: Tensor, plan: StructuredPlan, chunk_size: int | None,
+         compute_dtype: torch.dtype | None, unit: float | None) -> tuple[Tensor, float]:
+    """The NTK (``n·m`` square) and the chunks' summed ``abs_sq``."""
+    n, m = x.shape[0], plan.outputs
+    dtype = compute_dtype or next((p.dtype for p in model.parameters()), x.dtype)
     if not plan.layers and not plan.fallback:
-        return torch.zeros(m * n, m * n, dtype=dtype, device=x.device)
+        return torch.zeros(m * n, m * n, dtype=dtype, device=x.device), 0.0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_sample = bytes_per_sample(plan, model, itemsize)
+    chunk = n if chunk_size is None and per_sample * n <= common.CACHE_BYTES else \
+        samples_per_chunk(per_sample, n, m, chunk_size)
+    abs_sq, seen = [0.0], set()
+
+    def features(s: slice) -> ChunkFeatures:     # abs_sq counted once per chunk
+        first = s.start not in seen
+        seen.add(s.start)
+        feats = chunk_features(model, plan, x[s], compute_dtype, unit if first else None)
+        abs_sq[0] += feats.abs_sq
+        return feats
+
+    if chunk >= n:                         # one chunk: its block is the NTK
+        feats = features(slice(0, n))
+        return contract(feats, feats).reshape(m * n, m * n), abs_sq[0]
     out = torch.empty(m * n, m * n, dtype=dtype, device=x.device)   # every block is written
-    chunk = samples_per_chunk(bytes_per_sample(plan, model, itemsize), n, m, chunk_size)
-    return pairwise_blocks(n, m, chunk, lambda s: chunk_features(model, plan, x[s]), contract,
-                           ChunkFeatures.nbytes, out)
+    pairwise_blocks(n, m, chunk, features, contract, ChunkFeatures.nbytes, out)
+    return out, abs_sq[0]
+
+
+def structured_ntk(model: nn.Module, x: Tensor, chunk_size: int | None = None) -> Tensor:
+    """``J Jᵀ`` (``n·m_y`` square, row ``j·n + i``) by per-layer sums; samples must be
+    independent. Call through :func:`global_convergence.ntk.empirical_ntk`, which sets the
+    numerics guard and refuses coupled (batch-statistics) models for this method."""
+    return _ntk(model, x, cached_plan(model, x), chunk_size, None, None)[0]

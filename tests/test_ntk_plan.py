@@ -1,0 +1,73 @@
+"""The structured NTK's plan (ntk/plan.py): reused per model, replanned when the structure
+changes; exact under in-place operations on planned layers' outputs."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from global_convergence.ntk import empirical_ntk
+from global_convergence.ntk import plan as ntk_plan
+
+TOL32 = 1e-5     # float32 results vs the float64 reference, relative Frobenius
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+class Switchable(nn.Module):
+    """A flag that routes the forward pass through a second use of ``a`` (a shared module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.twice = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.softplus(self.a(x), beta=100)
+        if self.twice:
+            h = F.softplus(self.a(h), beta=100)
+        return self.b(h)
+
+
+def test_plan_is_reused_and_replanned_when_the_structure_changes():
+    torch.manual_seed(0)
+    model, x = Switchable(), torch.randn(9, 3)
+    empirical_ntk(model, x)
+    first = ntk_plan._PLANS[model][1]
+    empirical_ntk(model, x)
+    assert ntk_plan._PLANS[model][1] is first                     # reused
+    for change in ("flag", "frozen", "eval"):
+        if change == "flag":
+            model.twice = True                                    # a is now used twice
+        elif change == "frozen":
+            model.b.weight.requires_grad_(False)
+        else:
+            model.eval()
+        ntk = empirical_ntk(model, x)
+        assert ntk_plan._PLANS[model][1] is not first
+        first = ntk_plan._PLANS[model][1]
+        ref = empirical_ntk(model, x, method="jacobian", dtype=torch.float64)
+        assert rel(ntk, ref) < TOL32
+    assert "a.weight" in first.fallback and "b.weight" not in first.fallback
+    ntk_plan.forget_plans()
+    assert model not in ntk_plan._PLANS
+
+
+class InPlaceAfterLayer(nn.Module):
+    """An in-place operation on a planned layer's output (its gradient must be the original's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h.mul_(2.0).add_(0.5)
+        return self.b(torch.tanh(h))
+
+
+def test_in_place_operation_on_a_layer_output_is_exact():
+    torch.manual_seed(0)
+    model, x = InPlaceAfterLayer(), torch.randn(10, 3)
+    ref = empirical_ntk(model, x, method="jacobian", dtype=torch.float64)
+    assert rel(empirical_ntk(model, x, method="structured"), ref) < TOL32
