@@ -42,6 +42,7 @@ from ..wrappers.ee import LBFGS_OPTIONS
 from .checkpoint import (atomic_write_text, load_checkpoint, remove_stale_temporaries, restore_rng,
                          save_checkpoint, seed_everything)
 from .config import Schedule, TrainConfig, make_schedule
+from .kernel_steps import KernelSteps, kernel_steps_for
 from .distributed import (DistContext, all_reduce_sum, assemble_chunks, barrier, broadcast_object,
                           globalise_batchnorm, init_distributed, owns_chunk, rank_share,
                           stream_chunks, synchronised_batchnorm)
@@ -109,6 +110,8 @@ class Run:
     """Step of the last checkpoint written (or resumed from); None before the first."""
     epoch_order: tuple[int, torch.Tensor] | None = None
     """``(epoch, permutation)`` last drawn by :func:`batch_indices`."""
+    kernel: KernelSteps | None = None
+    """Phase 2's exact SGD steps in coefficient space (:mod:`.kernel_steps`), where they apply."""
 
     @property
     def phase(self) -> int:
@@ -373,6 +376,10 @@ def zero_grad(run: Run) -> None:
 
 
 def train_step(run: Run) -> float:
+    if run.kernel is not None:
+        loss = run.kernel.step(batch_indices(run, run.step).to(run.y.device))
+        run.wrapper.step_count += 1
+        return loss
     closure = make_closure(run, run.step)
     stepper = run.wrapper or run.optimizer
     if run.wrapper is None or not isinstance(run.wrapper.active_optimizer, torch.optim.LBFGS):
@@ -555,7 +562,14 @@ def enter_phase2(run: Run) -> None:
     started = time.perf_counter()
     run.cache = build_feature_cache(run)
     attach_train_module(run)
+    run.kernel = kernel_steps_for(run)
     run.seconds["switch"] += time.perf_counter() - started
+
+
+def sync_kernel(run: Run) -> None:
+    """Materialise the kernel engine's weights (and momentum) before anything reads them."""
+    if run.kernel is not None:
+        run.kernel.write_back()
 
 
 # -- logging -----------------------------------------------------------------------------------
@@ -563,6 +577,7 @@ def log_row(run: Run, callbacks: list[Callback]) -> dict[str, Any]:
     """Evaluate (on every rank, reduced across ranks); alignment checks and callbacks run on
     rank 0, whose row every rank then keeps."""
     started = time.perf_counter()
+    sync_kernel(run)
     row: dict[str, Any] = {"step": run.step, "epoch": run.step / run.schedule.steps_per_epoch,
                            "phase": run.phase, **evaluate(run), "alignment_ok": None, "q_t": None}
     every = run.config.track_alignment_every
@@ -647,6 +662,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 def write_checkpoint(run: Run, out: Path | None, phase: int | None = None) -> None:
     """Save the run's state, after checking that every parameter is finite: a checkpoint is
     always a good one (``phase``: that of the step just taken, for the error message)."""
+    sync_kernel(run)
     _check_parameters(run, run.phase if phase is None else phase, out)
     if out is not None and run.ctx.is_main:
         save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(run))
