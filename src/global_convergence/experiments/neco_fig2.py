@@ -67,7 +67,7 @@ class Fig2Settings:
 PRESETS = {
     "smoke": Fig2Settings(tau=60, seeds=(0,), exploit_steps=140, lbfgs_steps=20, ntk_every=40,
                           log_every=20),
-    "cpu": Fig2Settings(long_exploit_steps=1_000_000),
+    "cpu": Fig2Settings(long_exploit_steps=200_000),
     "paper": Fig2Settings(exploit_steps=100_000, long_exploit_steps=3_000_000, ntk_every=1000),
 }
 

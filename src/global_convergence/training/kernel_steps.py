@@ -26,7 +26,7 @@ this engine does). The coefficients live in the optimizer's state under the key
 a checkpoint of the optimizer carries them: a resumed run continues bit for bit. Where the identity does not hold or does not pay — another
 optimizer (Adam, L-BFGS), several parameter groups, ``maximize``, DDP, augmentation or no feature
 cache (features not fixed per input), a kernel over the memory budget — :func:`kernel_steps_for`
-answers None and the autograd step is used. See docs/performance.md.
+answers None and the autograd step is used. Measured speed: docs/reproduction.md (neco-fig2).
 """
 from __future__ import annotations
 
@@ -131,19 +131,33 @@ def linear_feature_map(head: nn.Linear, features: torch.Tensor, dtype: torch.dty
 
 # -- the loss on the outputs ----------------------------------------------------------------------
 def loss_and_gradient(loss: Loss, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch-mean loss and its gradient ``∂L/∂f`` (batch, m_y) in closed form ([K22] §2.1 losses:
-    binary cross-entropy on one logit, softmax cross-entropy, squared error)."""
+    """Batch-mean loss and its gradient ``∂L/∂f`` (batch, m_y) in closed form (the losses of
+    docs/design.md: binary cross-entropy on one logit, softmax cross-entropy, squared error)."""
+    return _loss_and_gradient(loss, out, prepare_targets(loss, y, out.dtype))
+
+
+def prepare_targets(loss: Loss, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Targets in the form the closed-form loss reads: ``y`` and the sign ``2y − 1`` as two
+    columns (binary), regression targets (squared error), or the class labels."""
+    if loss.kind == "mse":
+        return loss._regression_targets(y, dtype)
+    if loss.output_dim == 1:
+        y = y.to(dtype).reshape(-1, 1)
+        return torch.cat([y, 2 * y - 1], dim=1)
+    return y
+
+
+def _loss_and_gradient(loss: Loss, out: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b = len(out)
     if loss.kind == "mse":
-        residual = out - loss._regression_targets(y, out.dtype)
-        return residual.pow(2).sum() / b, residual * (2.0 / b)
-    if loss.output_dim == 1:
-        target = y.to(out.dtype)
-        value = F.binary_cross_entropy_with_logits(out[:, 0], target)
-        return value, ((torch.sigmoid(out[:, 0]) - target) / b)[:, None]
-    value = F.cross_entropy(out, y)
+        residual = out - t
+        return residual.pow(2).sum() / b, residual.mul_(2.0 / b)
+    if loss.output_dim == 1:         # ℓ = −log σ(s f), s = 2y − 1;  ∂ℓ/∂f = σ(f) − y
+        value = F.logsigmoid(out * t[:, 1:]).mean().neg()
+        return value, torch.sigmoid(out).sub_(t[:, :1]).div_(b)
+    value = F.cross_entropy(out, t)
     grad = torch.softmax(out, dim=1)
-    grad[torch.arange(b), y] -= 1.0
+    grad[torch.arange(b), t] -= 1.0
     return value, grad / b
 
 
@@ -160,14 +174,14 @@ class KernelSteps:
                  loss: Loss) -> None:
         self.map, self.optimizer, self.loss = feature_map, optimizer, loss
         self.params = feature_map.params
-        self.y = targets
+        self.y = prepare_targets(loss, targets, feature_map.right.dtype)
         self.kernel = feature_map.kernel()
         self.group = optimizer.param_groups[0]
         if STATE_KEY not in optimizer.state:
             optimizer.state[STATE_KEY] = self._fresh_state()
         self.state: dict[str, Any] = optimizer.state[STATE_KEY]
         self._anchor_outputs()
-        self.full = torch.arange(feature_map.n, device=targets.device)
+        self.n = feature_map.n
 
     def _fresh_state(self) -> dict[str, Any]:
         """Start from the current weights ``w_τ = 1·w_τ`` and momentum buffers ``m_τ = 1·m_τ``
@@ -211,9 +225,9 @@ class KernelSteps:
         lr, mu, wd = g["lr"], g["momentum"], g["weight_decay"]
         damp, nesterov = g["dampening"], g["nesterov"]
         s = self.state
-        full = len(index) == len(self.full)
-        value, grad_out = loss_and_gradient(self.loss, self.outputs(None if full else index),
-                                            self.y if full else self.y[index])
+        full = len(index) == self.n
+        value, grad_out = _loss_and_gradient(self.loss, self.outputs(None if full else index),
+                                             self.y if full else self.y[index])
         # grad = Φᵀ g + λ w in coefficient form: (g scattered on the batch + λ c, λ α, λ γ)
         if full:
             gc = grad_out if wd == 0 else grad_out.add(s["coef"], alpha=wd)
