@@ -176,6 +176,7 @@ class KernelSteps:
         self.params = feature_map.params
         self.y = prepare_targets(loss, targets, feature_map.right.dtype)
         self.kernel = feature_map.kernel()
+        self.kernel_2d = self.kernel[0]
         self.group = optimizer.param_groups[0]
         if STATE_KEY not in optimizer.state:
             optimizer.state[STATE_KEY] = self._fresh_state()
@@ -208,15 +209,16 @@ class KernelSteps:
         """Current outputs ``f = α Φw_τ + γ Φm_τ + K c`` on the training inputs ``index``."""
         s = self.state
         alpha, gamma = s["scale"]
-        kernel = self.kernel if index is None else self.kernel[:, index]
         base = self.f_w if index is None else self.f_w[index]
-        extra = self.f_m if index is None else self.f_m[index]
-        if kernel.shape[0] == 1:
-            kc = kernel[0] @ s["coef"]
+        if self.kernel.shape[0] == 1:            # one kernel for every output: α f_w + K c at once
+            kernel = self.kernel_2d if index is None else self.kernel_2d[index]
+            out = torch.addmm(base, kernel, s["coef"], beta=alpha)
         else:
-            kc = torch.bmm(kernel, s["coef"].T[:, :, None])[:, :, 0].T
-        out = kc.add_(base, alpha=alpha)
-        return out.add_(extra, alpha=gamma) if gamma != 0.0 else out
+            kernel = self.kernel if index is None else self.kernel[:, index]
+            out = torch.bmm(kernel, s["coef"].T[:, :, None])[:, :, 0].T.add_(base, alpha=alpha)
+        if gamma == 0.0:
+            return out
+        return out.add_(self.f_m if index is None else self.f_m[index], alpha=gamma)
 
     @torch.no_grad()
     def step(self, index: torch.Tensor) -> float:
