@@ -203,15 +203,17 @@ def test_neco_fig2_smoke_ee_lbfgs_beats_plain_gd(smoke):
 
 
 def test_demo_table_is_identical_under_other_thread_settings(tmp_path):
-    """Two tiny demos in fresh processes with different OMP/MKL/torch thread settings print
-    the same table (the demo fixes one intra-op thread)."""
+    """Two tiny demos in fresh processes with different OMP/MKL/torch thread settings, one
+    training in this process and one in two worker processes, print the same table (every run
+    uses one intra-op thread)."""
     import os
     import subprocess
     import sys
 
     script = ("import sys, torch; torch.set_num_threads(int(sys.argv[2]));"
               "from global_convergence.experiments.demo import run_demo, TINY, format_table;"
-              "table = format_table(run_demo(sys.argv[1], progress=False, settings=TINY), TINY);"
+              "table = format_table(run_demo(sys.argv[1], progress=False, settings=TINY,"
+              "workers=int(sys.argv[2])), TINY);"
               "print('TABLE'); print(table)")
     tables = []
     for threads in ("1", "2"):

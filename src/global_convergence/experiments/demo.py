@@ -46,7 +46,7 @@ class DemoSettings:
     eps: float = 0.01
     lr: float = 0.5
     exploit_steps: int = 4000
-    lbfgs_steps: int = 100
+    lbfgs_steps: int = 40
     log_every: int = 20
 
     @property
@@ -73,45 +73,58 @@ def demo_config(variant: str, seed: int, s: DemoSettings = DemoSettings()) -> Tr
 
 
 def run_demo(out: str | Path, progress: bool = True, settings: DemoSettings = DemoSettings(),
-             ) -> dict[str, Any]:
+             workers: int = 2) -> dict[str, Any]:
     """Train every method on every seed, print the table, write ``demo.png`` and ``results.json``.
 
-    Runs with one intra-op thread (restored afterwards): the sine-wave MLP's operations are tiny,
-    extra threads only spin-wait, and a fixed thread count fixes the summation order of the
-    chaotic lr-0.5 GD trajectory, so the numbers are the same on every run.
+    Every run uses one intra-op thread (restored afterwards): the sine-wave MLP's operations are
+    tiny, extra threads only spin-wait, and a fixed thread count fixes the summation order of the
+    chaotic lr-0.5 GD trajectory, so the numbers are the same on every run. ``workers`` runs
+    that many trainings side by side in separate processes (each on one thread, so the numbers
+    do not depend on it); 1 trains them one after another in this process.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run_all(out, progress, settings)
-    finally:
-        torch.set_num_threads(threads)
+    tasks = [(method, seed) for method in METHODS for seed in settings.seeds]
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-
-def _run_all(out: Path, progress: bool, s: DemoSettings) -> dict[str, Any]:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            done = list(pool.map(_one_run, [(out, m, k, settings, False) for m, k in tasks]))
+    else:
+        done = [_one_run((out, m, k, settings, progress)) for m, k in tasks]
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     curves: dict[str, list[list[tuple[int, float]]]] = {m: [] for m in METHODS}
-    for method in METHODS:
-        for seed in s.seeds:
-            history: list[tuple[int, float]] = []
-            started = time.perf_counter()
-            summary = train(demo_config(method, seed, s), out / _slug(method, seed),
-                            progress=progress,
-                            callbacks=[lambda e, h=history: h.append((e.step, e.row["train_error"]))])
-            results[method].append({"seed": seed, "train_error": summary["train_error"],
-                                    "best_train_error": min(e for _, e in history),
-                                    "train_loss": summary["train_loss"], "steps": summary["steps"],
-                                    "seconds": time.perf_counter() - started})
-            curves[method].append(history)
-    print(format_table(results, s))
+    for (method, _), (record, history) in zip(tasks, done):
+        results[method].append(record)
+        curves[method].append(history)
+    print(format_table(results, settings))
     print(format_timings(results))
-    plot_demo(curves, out / "demo.png", s.tau)
-    atomic_write_text(out / "results.json", json.dumps({"settings": asdict(s), "results": results},
-                                                       indent=2))
+    plot_demo(curves, out / "demo.png", settings.tau)
+    atomic_write_text(out / "results.json", json.dumps({"settings": asdict(settings),
+                                                        "results": results}, indent=2))
     print(f"plot: {out / 'demo.png'}; per-run outputs under {out}/")
     return results
+
+
+def _one_run(task: tuple[Path, str, int, DemoSettings, bool]
+             ) -> tuple[dict[str, Any], list[tuple[int, float]]]:
+    """Train one method on one seed with one intra-op thread; its record and error curve."""
+    out, method, seed, s, progress = task
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    history: list[tuple[int, float]] = []
+    started = time.perf_counter()
+    try:
+        summary = train(demo_config(method, seed, s), out / _slug(method, seed), progress=progress,
+                        callbacks=[lambda e: history.append((e.step, e.row["train_error"]))])
+    finally:
+        torch.set_num_threads(threads)
+    record = {"seed": seed, "train_error": summary["train_error"],
+              "best_train_error": min(e for _, e in history), "train_loss": summary["train_loss"],
+              "steps": summary["steps"], "seconds": time.perf_counter() - started}
+    return record, history
 
 
 def _slug(method: str, seed: int) -> str:
