@@ -203,7 +203,7 @@ def variant_results(mine: list[SubRun], s: Fig2Settings) -> dict[str, Any]:
             "steps": mine[0].summary["steps"],
             "train_loss_at_tau": [_value_at(r, "loss", s.tau) for r in mine],
             "train_loss": [r.summary["train_loss"] for r in mine],
-            "ntk_change_at_tau": [_value_at(r, "ntk_change", s.tau) for r in mine],
+            "ntk_change_at_tau": [_logged_at(r, "ntk_change", s.tau) for r in mine],
             "ntk_change_final": [last_value(r, "ntk_change") for r in mine],
             "seconds": [r.seconds for r in mine],
             "certificate": [certificate_facts(r) for r in mine]}
@@ -264,6 +264,11 @@ def curvature_text(curvature: list[dict[str, Any]], s: Fig2Settings) -> str:
         "Full-batch GD moves along an eigen-direction of curvature λ only after ~1/(η λ) steps, "
         "and G's step must stay below 2/λ_max, so the directions counted in the last column are "
         "out of reach within the run; L-BFGS, which rescales by curvature, is not limited so.")
+
+
+def _logged_at(run: SubRun, key: str, step: int) -> float | None:
+    """The value of ``key`` logged at ``step`` itself (None: not logged there)."""
+    return next((r[key] for r in run.rows if r["step"] == step and r.get(key) is not None), None)
 
 
 def _value_at(run: SubRun, key: str, step: int) -> float | None:
