@@ -29,6 +29,7 @@ from .storage import inputs_on_device, place_inputs, tensor_bytes
 
 if TYPE_CHECKING:
     from .feature_cache import FeatureCache
+    from .kernel_steps import KernelSteps
 
 HOLDOUT_SEED = 0
 """Seed of the ``holdout`` split: the same split for every run, whatever its ``--seed``."""
@@ -60,6 +61,8 @@ class Run:
     """Folder of an on-disk feature cache (the run's ``out``); None: a temporary folder."""
     train_module: nn.Module | None = None
     """What the training step calls (:func:`.steps.attach_train_module`)."""
+    kernel: "KernelSteps | None" = None
+    """Phase 2's exact SGD steps in coefficient space (:mod:`.kernel_steps`), where they apply."""
     checkpoint_step: int | None = None
     """Step of the last checkpoint written (or resumed from); None before the first."""
     epoch_order: tuple[int, torch.Tensor] | None = None

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from .evaluation import evaluate
 from .feature_cache import build_feature_cache
-from .steps import attach_train_module, closure_step
+from .kernel_steps import kernel_steps_for
+from .steps import attach_train_module, batch_indices, closure_step
 
 if TYPE_CHECKING:
     from .build import Run
@@ -24,21 +25,32 @@ if TYPE_CHECKING:
 
 def enter_phase2(run: "Run") -> None:
     """Set up phase 2 (at the switch, or on resuming a phase-2 checkpoint): build the feature
-    cache and attach the module the phase-2 step trains."""
+    cache, attach the module the phase-2 step trains, and the exact coefficient-space SGD
+    engine (:mod:`.kernel_steps`) where it applies."""
     started = time.perf_counter()
     run.cache = build_feature_cache(run)
     attach_train_module(run)
+    run.kernel = kernel_steps_for(run)
     run.state.seconds["switch"] += time.perf_counter() - started
 
 
 def phase2_step(run: "Run") -> float:
-    """One step of the exploitation optimizer on the head; returns the global-batch mean loss."""
-    return closure_step(run)
+    """One step of the exploitation optimizer on the head; returns the global-batch mean loss
+    (before the step). The kernel engine takes the same SGD step as the optimizer would, so the
+    wrapper only counts it."""
+    if run.kernel is None:
+        return closure_step(run)
+    loss = run.kernel.step(batch_indices(run, run.state.step).to(run.y.device))
+    run.wrapper.step_count += 1
+    return loss
 
 
 def sync_model(run: "Run") -> None:
     """Bring the model's parameters (and optimizer state) up to date with what phase 2 trained,
-    before they are read. The closure step trains the model itself: nothing to do."""
+    before they are read: the kernel engine writes its weights and momentum back; the closure
+    step trains the model itself."""
+    if run.kernel is not None:
+        run.kernel.write_back()
 
 
 def phase2_evaluate(run: "Run") -> dict[str, Any]:

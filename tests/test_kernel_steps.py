@@ -1,0 +1,214 @@
+"""The coefficient-space SGD of the second phase against the plain autograd step of torch.optim.SGD.
+
+Heads are small (n = 40 inputs, m_H = 12, m_{H−1} = 9) so that 1000 autograd steps take a fraction
+of a second; every comparison runs the real optimizer on the real head module.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from global_convergence.losses import make_loss
+from global_convergence.models import GatedHead
+from global_convergence.training import TrainConfig, load_checkpoint, train
+from global_convergence.training.kernel_steps import (STATE_KEY, KernelSteps, build_kernel_steps,
+                                                      kernel_steps_reason, loss_and_gradient)
+
+N, IN, WIDTH = 40, 8, 12
+STEPS = 1000
+
+
+pytestmark = pytest.mark.usefixtures("quiet_one_thread")
+
+
+def ee_head(outputs: int = 1, seed: int = 0) -> tuple[GatedHead, torch.Tensor]:
+    """A GatedHead after the switch (gates frozen at a perturbed copy) and trunk features."""
+    torch.manual_seed(seed)
+    head = GatedHead(IN, WIDTH, outputs)
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    head.freeze_gates()
+    with torch.no_grad():
+        head.weight.add_(0.1 * torch.randn_like(head.weight))
+    head.out_weight.requires_grad_(False)
+    return head, torch.randn(N, IN)
+
+
+def linear_head(outputs: int = 1, bias: bool = True, seed: int = 0) -> tuple[nn.Linear, torch.Tensor]:
+    torch.manual_seed(seed)
+    return nn.Linear(WIDTH, outputs, bias=bias), torch.nn.functional.softplus(torch.randn(N, WIDTH))
+
+
+def targets(kind: str, outputs: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mse":
+        return torch.randn(N, outputs, generator=g)
+    return torch.randint(0, max(2, outputs), (N,), generator=g)
+
+
+def batches(batch: int, steps: int, seed: int = 2) -> list[torch.Tensor]:
+    if batch >= N:
+        return [torch.arange(N)] * steps
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(N, generator=g) for _ in range(steps * batch // N + 1)])
+    return [order[k * batch:(k + 1) * batch] for k in range(steps)]
+
+
+def autograd_losses(head: nn.Module, features, y, loss, optimizer, index_list) -> list[float]:
+    out = []
+    for index in index_list:
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.per_sample(head(features[index]), y[index]).sum() / len(index)
+        value.backward()
+        optimizer.step()
+        out.append(float(value))
+    return out
+
+
+def trained(head: nn.Module) -> list[nn.Parameter]:
+    return [p for p in head.parameters() if p.requires_grad]
+
+
+SGD_SETTINGS = {
+    "plain": dict(lr=0.2),
+    "momentum": dict(lr=0.05, momentum=0.9),
+    "nesterov-dampening": dict(lr=0.05, momentum=0.8, nesterov=True),
+    "weight-decay": dict(lr=0.1, weight_decay=0.05),
+    "all": dict(lr=0.03, momentum=0.9, weight_decay=0.01, dampening=0.1),
+}
+
+
+def compare(make_head, settings, batch, kind="ce", outputs=1, warm_steps=0):
+    """Autograd SGD vs the engine from the same start: losses and final weights."""
+    head, features = make_head(outputs)
+    y = targets(kind, outputs)
+    loss = make_loss(kind, max(2, outputs) if kind == "ce" else None, outputs if kind == "mse" else None)
+    index_list = batches(batch, STEPS + warm_steps)
+    twin = copy.deepcopy(head)
+    opt_a = torch.optim.SGD(trained(head), **settings)
+    opt_b = torch.optim.SGD(trained(twin), **settings)
+    # steps before the engine starts leave a momentum buffer it must carry (two-phase's phase 1)
+    autograd_losses(head, features, y, loss, opt_a, index_list[:warm_steps])
+    autograd_losses(twin, features, y, loss, opt_b, index_list[:warm_steps])
+    reference = autograd_losses(head, features, y, loss, opt_a, index_list[warm_steps:])
+    engine = build_kernel_steps(opt_b, twin, features, y, loss)
+    assert isinstance(engine, KernelSteps)
+    fast = [engine.step(index) for index in index_list[warm_steps:]]
+    engine.write_back()
+    return reference, fast, head, twin, opt_a, opt_b
+
+
+@pytest.mark.parametrize("name", list(SGD_SETTINGS))
+@pytest.mark.parametrize("batch", [N, 16])
+def test_ee_engine_follows_autograd_sgd_for_1000_steps(name, batch):
+    reference, fast, head, twin, *_ = compare(ee_head, SGD_SETTINGS[name], batch)
+    assert max(abs(a - b) for a, b in zip(reference, fast)) < 1e-6
+    assert reference[-1] < reference[0]          # the run moved: the comparison is not vacuous
+    torch.testing.assert_close(twin.weight, head.weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(SGD_SETTINGS))
+@pytest.mark.parametrize("batch", [N, 16])
+def test_two_phase_engine_follows_autograd_sgd_with_a_phase1_momentum_buffer(name, batch):
+    reference, fast, head, twin, opt_a, opt_b = compare(linear_head, SGD_SETTINGS[name], batch,
+                                                        warm_steps=5)
+    assert max(abs(a - b) for a, b in zip(reference, fast)) < 1e-6
+    for p, q in zip(trained(head), trained(twin)):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+        if "momentum" in SGD_SETTINGS[name]:
+            torch.testing.assert_close(opt_b.state[q]["momentum_buffer"],
+                                       opt_a.state[p]["momentum_buffer"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, outputs", [("ce", 3), ("mse", 2)])
+def test_engine_with_several_outputs_and_other_losses(kind, outputs):
+    for make in (ee_head, lambda o: linear_head(o, bias=False)):
+        reference, fast, *_ = compare(make, SGD_SETTINGS["all"], 16, kind=kind, outputs=outputs)
+        assert max(abs(a - b) for a, b in zip(reference, fast)) < 1e-6
+
+
+@pytest.mark.parametrize("kind, outputs", [("ce", 1), ("ce", 4), ("mse", 3)])
+def test_closed_form_loss_gradient_is_autograds(kind, outputs):
+    out = torch.randn(10, outputs, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(10, outputs) if kind == "mse" else torch.randint(0, max(2, outputs), (10,))
+    loss = make_loss(kind, max(2, outputs) if kind == "ce" else None, outputs if kind == "mse" else None)
+    value, grad = loss_and_gradient(loss, out.detach(), y)
+    reference = loss.per_sample(out, y).mean()
+    reference.backward()
+    torch.testing.assert_close(value, reference.detach())
+    torch.testing.assert_close(grad, out.grad)
+
+
+def test_written_back_state_lets_autograd_sgd_continue_the_same_trajectory():
+    """After write_back, the parameters and momentum buffers are the optimizer's own."""
+    settings = SGD_SETTINGS["all"]
+    head, features = ee_head()
+    y, loss = targets("ce", 1), make_loss("ce", 2)
+    index_list = batches(16, 400)
+    twin = copy.deepcopy(head)
+    opt_a = torch.optim.SGD(trained(head), **settings)
+    reference = autograd_losses(head, features, y, loss, opt_a, index_list)
+    opt_b = torch.optim.SGD(trained(twin), **settings)
+    engine = build_kernel_steps(opt_b, twin, features, y, loss)
+    first = [engine.step(index) for index in index_list[:200]]
+    engine.write_back()
+    rest = autograd_losses(twin, features, y, loss, opt_b, index_list[200:])
+    assert max(abs(a - b) for a, b in zip(reference, first + rest)) < 1e-6
+
+
+def test_engine_refuses_where_the_identity_does_not_hold():
+    head, features = ee_head()
+    params = trained(head)
+    assert "Adam" in kernel_steps_reason(torch.optim.Adam(params), head, N)
+    assert "LBFGS" in kernel_steps_reason(torch.optim.LBFGS(params), head, N)
+    assert kernel_steps_reason(torch.optim.SGD(params, lr=0.1, maximize=True), head, N) == "maximize=True"
+    assert "budget" in kernel_steps_reason(torch.optim.SGD(params, lr=0.1), head, N, max_kernel_bytes=1000)
+    other = torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1)
+    assert "exactly" in kernel_steps_reason(other, head, N)
+    assert kernel_steps_reason(torch.optim.SGD(params, lr=0.1), head, N) is None
+    assert build_kernel_steps(torch.optim.Adam(params), head, features, targets("ce", 1),
+                              make_loss("ce", 2)) is None
+
+
+# -- through the training loop ---------------------------------------------------------------------
+def run_config(**overrides) -> TrainConfig:
+    options = dict(data="sine", model="mlp", method="ee", n=30, steps=160, tau=20, batch_size=10,
+                   eps=0.01, lr=0.1, momentum=0.9, weight_decay=1e-4, log_every=7)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def losses(out) -> list[float]:
+    import csv
+    with open(out / "metrics.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(batch_size=0, momentum=0.0, weight_decay=0.0, lr=0.5),
+                                       dict(method="two-phase", tau=None, tau0=0.25, data="two-moons")])
+def test_a_run_with_the_engine_logs_the_losses_of_the_autograd_run(tmp_path, overrides):
+    """``feature_cache="off"`` keeps the autograd step on the frozen trunk: the reference."""
+    fast = train(run_config(**overrides), tmp_path / "fast", progress=False)
+    slow = train(run_config(feature_cache="off", **overrides), tmp_path / "slow", progress=False)
+    state = load_checkpoint(tmp_path / "fast" / "checkpoint.pt")["wrapper"]
+    optimizer_state = state.get("exploit_optimizer", state["optimizer"])["state"]
+    assert STATE_KEY in optimizer_state                                # the engine did run
+    assert fast["steps"] == slow["steps"] and fast["train_error"] == slow["train_error"]
+    a, b = losses(tmp_path / "fast"), losses(tmp_path / "slow")
+    assert len(a) == len(b) > 20
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+
+
+def test_a_run_resumed_in_phase_2_matches_the_uninterrupted_one_bit_for_bit(tmp_path):
+    config = run_config()
+    train(config, tmp_path / "whole", progress=False)
+    train(config, tmp_path / "parts", progress=False, stop_after=53)     # not a log step
+    train(config, tmp_path / "parts", progress=False, resume=True)
+    assert (tmp_path / "whole" / "metrics.csv").read_text() == \
+        (tmp_path / "parts" / "metrics.csv").read_text()
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
