@@ -28,8 +28,8 @@ def _run(script: str, *args: str) -> dict:
 
 
 def test_the_readme_snippet_runs_and_prints_a_verified_certificate_with_its_bound():
-    text = (EXAMPLES / "README.md").read_text()
-    snippet = re.search(r"## The wrapper in a plain loop.*?```python\n(.*?)```", text, re.S).group(1)
+    text = (EXAMPLES.parent / "README.md").read_text()
+    snippet = re.search(r"## Python: the wrapper is a .*?```python\n(.*?)```", text, re.S).group(1)
     assert len(snippet.strip().splitlines()) <= 25
     verdict, formula = _python("-c", snippet).strip().splitlines()[-1].split(" ", 1)
     assert verdict == "verified" and formula.startswith("L(theta_t) <= inf_theta")
