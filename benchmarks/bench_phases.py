@@ -1,4 +1,4 @@
-"""Benchmark of the cheap second phase (SPEC §3.3) and of whole wrapped runs against base runs.
+"""Benchmark of the cheap second phase (docs/performance.md) and of whole wrapped runs against base runs.
 
 Everything is measured in one run of this script, on the same machine state, and printed as
 ratios against the targets of the issue (2 CPU cores, ResNet-18 on 16×16 inputs, no
@@ -30,7 +30,7 @@ Usage::
         --batch-size 128 --amp                                 # on a GPU (gpu_check.sh)
 
 On the CPU (the default) it runs with float32 subnormals flushed to zero, as ``gconv train``
-does (SPEC §2: softplus(100) produces subnormals that x86 computes on many times slower); on
+does (docs/performance.md: softplus(100) produces subnormals that x86 computes on many times slower); on
 CUDA every timer waits for the queued kernels (``torch.cuda.synchronize``). The machine load
 (``os.getloadavg``) is printed before and after: timings on a shared machine are noisy, ratios
 measured within one run less so.

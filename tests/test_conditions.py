@@ -22,7 +22,7 @@ F64 = torch.float64
 
 
 def reference_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """J in SPEC §1 row order (row j·n + i), by torch.func — independent of the ntk package."""
+    """J in vec row order (row j·n + i), by torch.func — independent of the ntk package."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def f(p, xi):

@@ -1,4 +1,4 @@
-"""Models, real-analytic conversion and the two model modifications (SPEC §2, §3)."""
+"""Models, real-analytic conversion and the two model modifications."""
 import pytest
 import torch
 import torchvision
@@ -14,7 +14,7 @@ def test_mlp_has_three_hidden_layers_of_300_and_spec_parameter_count():
     model = MLP(2, 1)
     linears = [m for m in model if isinstance(m, nn.Linear)]
     assert [m.out_features for m in linears] == [300, 300, 300, 1]
-    assert sum(p.numel() for p in model.parameters()) == 181_801   # SPEC §4: d = 181,801
+    assert sum(p.numel() for p in model.parameters()) == 181_801   # d = 181,801 (docs/design.md)
     assert non_analytic_modules(model) == []
 
 
@@ -90,7 +90,7 @@ def test_gated_head_computes_the_formula_of_k22():
 def test_ee_model_on_resnet_uses_paper_width_rule():
     model = ee_model(ResNet18(3, 10), n=50_000)
     assert model.head.in_features == 512
-    assert model.head.width == ee_head_width(50_000, 512) == 195      # SPEC: CIFAR 195
+    assert model.head.width == ee_head_width(50_000, 512) == 195      # [K22] §3.4: CIFAR 195
     assert ee_head_width(60_000, 512) == 234 and ee_head_width(73_257, 512) == 286
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 

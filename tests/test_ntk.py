@@ -1,4 +1,4 @@
-"""Tests of global_convergence.ntk against a brute-force float64 autograd loop (SPEC §1, §4)."""
+"""Tests of global_convergence.ntk against a brute-force float64 autograd loop."""
 from __future__ import annotations
 
 import copy
@@ -24,7 +24,7 @@ from global_convergence.ntk import plan as ntk_plan
 from global_convergence.models.analytic import _flush_denormal_state
 from global_convergence.ntk.common import SUBNORMAL_CUTOFF
 
-TOL32 = 1e-5     # float32 results vs the float64 reference, relative Frobenius (SPEC §4)
+TOL32 = 1e-5     # float32 results vs the float64 reference, relative Frobenius
 TOL64 = 1e-10    # float64 results vs the float64 reference
 
 
@@ -128,7 +128,7 @@ def _warm_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def brute_force_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """float64 J by one backward pass per (sample, output), rows in SPEC §1 order (j·n + i).
+    """float64 J by one backward pass per (sample, output), rows in vec order (j·n + i).
 
     The forward pass is over the whole batch, so coupling through batch statistics is included.
     """

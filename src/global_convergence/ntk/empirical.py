@@ -1,4 +1,4 @@
-"""The empirical NTK ``M(θ) = J(θ) J(θ)ᵀ`` (the papers' ``K(w)`` / ``M(θ)``), SPEC §1 and §4.
+"""The empirical NTK ``M(θ) = J(θ) J(θ)ᵀ`` (the papers' ``K(w)`` / ``M(θ)``) ([K22] §2.1.2).
 
 Methods (all exact up to rounding; all leave the model's mode, parameters and buffers as they
 were, and never depend on the caller's ``torch.set_flush_denormal`` setting):

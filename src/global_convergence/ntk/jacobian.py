@@ -1,4 +1,4 @@
-"""The Jacobian ``J(θ) = ∂ vec(f_X(θ)) / ∂θ ∈ R^{(n·m_y)×d}`` in SPEC §1 row order.
+"""The Jacobian ``J(θ) = ∂ vec(f_X(θ)) / ∂θ ∈ R^{(n·m_y)×d}`` in ``vec`` row order (columns of ``f_X`` stacked: row ``j·n + i`` is sample i, output j).
 
 Two engines, both returning blocks of rows as ``(m_y, c, d)`` tensors (outputs, then the ``c``
 samples of a chunk):

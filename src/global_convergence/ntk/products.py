@@ -1,7 +1,7 @@
 """Matrix-free NTK-vector products ``M v = J (Jᵀ v)`` with ``torch.func`` vjp and jvp.
 
 ``Jᵀ v`` is one reverse-mode pass of the whole batch with cotangent ``V`` (``V[i, j] = v[j·n + i]``,
-the SPEC §1 ``vec`` order), and ``J u`` one forward-mode pass with parameter tangent ``u``. Both
+the ``vec`` order of :mod:`.jacobian`), and ``J u`` one forward-mode pass with parameter tangent ``u``. Both
 differentiate the whole-batch function ``θ ↦ f_X(θ)``, so the products are exact also when batch
 norm couples the samples. Several vectors are handled at once with ``vmap``.
 """
@@ -68,7 +68,7 @@ def _from_cotangents(c: Tensor) -> Tensor:
 def ntk_vector_product(model: nn.Module, x: Tensor, v: Tensor) -> Tensor:
     """``J Jᵀ v`` without forming ``J`` or the NTK; ``v`` of shape ``(n·m_y,)`` or ``(n·m_y, k)``.
 
-    Rows of ``v`` follow SPEC §1 (row ``j·n + i``: sample i, output j). Exact for coupled samples
+    Rows of ``v`` follow the ``vec`` order (row ``j·n + i``: sample i, output j). Exact for coupled samples
     (train-mode batch norm): the products differentiate the whole-batch function. Running
     statistics are not updated; the model is left unchanged.
     """

@@ -13,7 +13,7 @@ def _square(name: str, m: Tensor) -> None:
 def representation_change(ntk_T: Tensor, ntk_0: Tensor) -> float:
     """``‖M(θ_T) − M(θ_0)‖_F²``, the squared Frobenius change of the NTK ([K22] Table 1).
 
-    Both matrices must be in the same (SPEC §1) order; the difference is taken in float64.
+    Both matrices must be in the same ``vec`` order (:mod:`.jacobian`); the difference is taken in float64.
     """
     _square("ntk_T", ntk_T)
     _square("ntk_0", ntk_0)
