@@ -3,9 +3,10 @@
 Measures, in one run:
 
 1. at ``n`` (default 4000) with ``ϕ`` of ``n × m_H·m_{H−1}`` (default 16 × 513 = 8208 columns):
-   seconds of dense ``numpy.linalg.matrix_rank(ϕ)`` (the paper's method; 18.6 s on a faster
-   reference machine) against :func:`global_convergence.conditions.safe_exploration`'s rank decision
-   (its JSON ``seconds.rank``), their ratio and both verdicts / ranks and the margin;
+   seconds of dense ``numpy.linalg.matrix_rank(ϕ)`` (the paper's method; the reference figure
+   is in docs/verifiers.md, "Benchmark") against
+   :func:`global_convergence.conditions.safe_exploration`'s rank decision (its JSON
+   ``seconds.rank``), their ratio and both verdicts / ranks and the margin;
 2. in a fresh subprocess each (so ``ru_maxrss`` is its own peak): time and peak memory of a
    verdict at each ``--large-n`` (default 60,000, ``m_H = ⌈2n/513⌉`` as in [K22] §3.4), where the
    Gram matrix no longer fits densely and the blocked Cholesky over panels rebuilt from ``Z`` and
