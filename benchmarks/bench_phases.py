@@ -101,7 +101,7 @@ def phase_costs(config: TrainConfig, epochs_timed: int) -> dict[str, float]:
     run.step += 1
     out["phase2_epoch_cached"] = statistics.median(epoch(run) for _ in range(epochs_timed))
     out["evaluation_phase2_cached"] = timed(lambda: loop.evaluate(run))
-    run.cache = None                                     # the uncached path: frozen trunk per step
+    run.cache = run.kernel = None                        # the uncached path: frozen trunk per step
     loop.attach_train_module(run)
     loop.train_step(run)
     run.step += 1

@@ -26,7 +26,7 @@ this engine does). The coefficients live in the optimizer's state under the key
 a checkpoint of the optimizer carries them: a resumed run continues bit for bit. Where the identity does not hold or does not pay — another
 optimizer (Adam, L-BFGS), several parameter groups, ``maximize``, DDP, augmentation or no feature
 cache (features not fixed per input), a kernel over the memory budget — :func:`kernel_steps_for`
-answers None and the autograd step is used. Measured speed: docs/reproduction.md (neco-fig2).
+answers None and the autograd step is used. Measured speed: docs/performance.md ("Coefficient-space phase-2 steps").
 """
 from __future__ import annotations
 
