@@ -35,6 +35,12 @@ GEMM_PROBE_ROWS = 512
 RECOMPUTE_GROUP = 8
 """Chunks of rows recomputed per float64 copy of the trunk in the float64 pass."""
 
+Screen = Callable[[Tensor, float, int], "tuple[bool, dict[str, float]]"]
+"""``screen(sample, feature_error, n)``: whether float32 features with relative row error
+``feature_error`` could verify the condition on ``n`` rows, judged from the float64 features of
+the sampled rows: by row-deletion interlacing ``σ_n(A) ≤ σ_k(A_sample)`` (k sampled rows), so
+when ``σ_k`` of the sample is below ``band ×`` the noise floor (estimated from the sample scaled
+to n rows), the attempt cannot give *verified*. Returns the answer and its figures."""
 Check = Callable[[Tensor, "float | None", "float | None"], Verdict]
 """``check(features, feature_error, fallback_flops)``: the condition's verdict on ``features``
 with a relative row error ``feature_error`` (None: exact) and the factor route capped at
@@ -55,8 +61,8 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
                        precision: str, chunk_size: int = FEATURE_CHUNK, *, mode: str = "auto",
                        budget_flops: float = AUTO_BUDGET_FLOPS,
                        condition: str = "the condition",
-                       check_flops: Callable[[int, int], float] | None = None
-                       ) -> tuple[Tensor, Verdict]:
+                       check_flops: Callable[[int, int], float] | None = None,
+                       screen: Screen | None = None) -> tuple[Tensor, Verdict]:
     """Trunk features of ``x`` (float64) and the verdict ``check`` gives on them.
 
     ``precision="float64"``: float64 features only. ``"auto"``: first the float32 features —
@@ -67,7 +73,8 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
     a verdict into *verified* that float64 would not give. The float32 attempt is skipped when
     it cannot pay: ``check_flops(n, m)`` (the cost of one check on ``n × m`` features, at the
     measured float64 GEMM rate) above the estimated float64 pass (the sample's time scaled to
-    ``n``); ``details["float32_attempt"]`` says so. ``mode`` and ``budget_flops`` as in the
+    ``n``), or when ``screen(sample, error, n)`` shows that float32 cannot verify (see
+    :data:`Screen`); ``details["float32_attempt"]`` says so. ``mode`` and ``budget_flops`` as in the
     module docstring. The constants (``L_H``, ``L̂``) are then computed on the features the
     verdict used.
     """
@@ -83,6 +90,13 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
     sample, sample_seconds = trunk_features(model, x[index.to(x.device)], torch.float64,
                                             chunk_size)
     worth, estimate = _float32_pays(x.shape[0], sample, sample_seconds, check_flops, features)
+    if worth and screen is not None:
+        rows32 = (features[index.to(features.device)] if features is not None else
+                  trunk_features(model, x[index.to(x.device)], torch.float32, chunk_size)[0])
+        bound = relative_row_error(rows32, sample).bound
+        if math.isfinite(bound):          # inf/NaN: the overflow path below says so
+            worth, figures = screen(sample, bound, x.shape[0])
+            estimate.update(figures)
     if not worth:
         exact = torch.empty(x.shape[0], sample.shape[1], dtype=torch.float64,
                             device=sample.device)
@@ -91,7 +105,8 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
         verdict = _checked(check, exact, None, fallback, time.perf_counter() - start, "float64")
         verdict.details["float32_attempt"] = {"verdict": None, "skipped": estimate}
         verdict.details.setdefault("notes", []).append(
-            "float32 attempt skipped: one check costs more than the float64 feature pass")
+            "float32 attempt skipped: it cannot pay (one check costs more than the float64 "
+            "feature pass) or cannot verify (its noise floor is above σ_n's upper bound)")
         return exact, _name_offline_route(verdict, mode, condition)
     if features is None:
         features, _ = trunk_features(model, x, torch.float32, chunk_size)

@@ -16,6 +16,7 @@ condition behind Theorem 5 is ``rank ϕ(R(j), θ(1:H−2)_τ) = n`` for every ``
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -135,7 +136,8 @@ def safe_exploration(model: nn.Module, x: Tensor, *, q: Tensor | str | None = No
         _, verdict = certified_features(model, x, check, None,
                                         "float64" if cross_check else precision, chunk_size,
                                         mode="full", condition="safe-exploration",
-                                        check_flops=lambda n, m: check_flops(n, head.width, m + 1))
+                                        check_flops=lambda n, m: check_flops(n, head.width, m + 1),
+                                        screen=float32_screen(head, q, seed, band))
     verdict.details["batchnorm"] = statistics
     return verdict
 
@@ -197,6 +199,30 @@ def shared_inner_products(z: Tensor, outputs: int,
     if outputs < 2 or n * n * z.element_size() > max_bytes:
         return None
     return z @ z.T
+
+
+def float32_screen(head: GatedHead, q: Tensor | str | None, seed: int, band: float = RANK_BAND):
+    """:data:`~.certified.Screen` for ``ϕ`` of every output: ``σ_n(ϕ) ≤ σ_k(ϕ_sample)`` (the k
+    sampled rows; from their ``k × k`` Gram, an estimate good far above its rounding) against
+    ``band`` times the noise floor of :func:`noise_floor` scaled from the sample to n rows."""
+    def screen(sample: Tensor, feature_error: float, n: int) -> tuple[bool, dict[str, float]]:
+        if sample.shape[0] == 0:
+            return True, {}
+        z = head.augmented_input(sample)
+        gates, _ = gate_matrices(head, q, seed, z.dtype, z.device)
+        worst = (float("inf"), 0.0)
+        for _, qj in gates:
+            s = gate_values(z, qj, head.gate_sharpness)
+            gram = KhatriRaoFactor(s, z).gram()
+            upper = math.sqrt(max(float(torch.linalg.eigvalsh(gram)[0]), 0.0))
+            floor = noise_floor(z, s, qj, head.gate_sharpness, feature_error) \
+                * math.sqrt(n / sample.shape[0])
+            worst = min(worst, (upper / max(floor, 1e-300), floor))
+            if worst[0] <= band:
+                break
+        return worst[0] > band, {"sigma_n_upper_bound_over_noise_floor": worst[0],
+                                 "noise_floor_estimate": worst[1]}
+    return screen
 
 
 def noise_floor(z: Tensor, s: Tensor, q: Tensor, sharpness: float, feature_error: float) -> float:
