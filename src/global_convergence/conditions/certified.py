@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ..errors import NumericalError, UserInputError
 from ..linalg import Verdict
-from .features import FEATURE_CHUNK, relative_row_error, sample_index, trunk_features
+from .features import (FEATURE_CHUNK, precise_copy, relative_row_error, sample_index,
+                       trunk_features)
 
 CERTIFICATE_PRECISIONS = ("auto", "float64")
 CERTIFICATE_MODES = ("auto", "full")
@@ -89,7 +90,12 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
     index = sample_index(x.shape[0])
     sample, sample_seconds = trunk_features(model, x[index.to(x.device)], torch.float64,
                                             chunk_size)
-    worth, estimate = _float32_pays(x.shape[0], sample, sample_seconds, check_flops, features)
+    copy_start = time.perf_counter()
+    precise_copy(model.trunk, torch.float64)
+    copies = math.ceil(x.shape[0] / (RECOMPUTE_GROUP * chunk_size))
+    pass_seconds = _pass_seconds(x.shape[0], sample.shape[0], sample_seconds,
+                                 time.perf_counter() - copy_start, copies)
+    worth, estimate = _float32_pays(x.shape[0], sample, pass_seconds, check_flops, features)
     if worth and screen is not None:
         rows32 = (features[index.to(features.device)] if features is not None else
                   trunk_features(model, x[index.to(x.device)], torch.float32, chunk_size)[0])
@@ -150,14 +156,21 @@ def gemm_rate(width: int, device: torch.device, rows: int = GEMM_PROBE_ROWS) -> 
 
 
 
-def _float32_pays(n: int, sample: Tensor, sample_seconds: float,
+def _pass_seconds(n: int, rows: int, sample_seconds: float, copy_seconds: float,
+                  copies: int) -> float:
+    """The float64 pass over ``n`` rows estimated from one over ``rows``: the per-row time
+    (the sample's, less its copy of the trunk) times n, plus one copy per group of rows."""
+    per_row = max(sample_seconds - copy_seconds, 0.0) / max(rows, 1)
+    return per_row * n + copy_seconds * copies
+
+
+def _float32_pays(n: int, sample: Tensor, pass_seconds: float,
                   check_flops: Callable[[int, int], float] | None,
                   features: Tensor | None) -> tuple[bool, dict[str, float]]:
     """Whether the float32 attempt can save more than it risks: the float64 pass it would save
-    (the sample's seconds scaled to ``n`` rows) against one check's estimated seconds."""
+    (``pass_seconds``, :func:`_pass_seconds`) against one check's estimated seconds."""
     if check_flops is None or sample.shape[0] == 0:
         return True, {}
-    pass_seconds = sample_seconds * n / sample.shape[0]
     check_seconds = check_flops(n, sample.shape[1]) / gemm_rate(sample.shape[1], sample.device)
     estimate = {"float64_pass_seconds_estimate": pass_seconds,
                 "check_seconds_estimate": check_seconds,
