@@ -182,7 +182,8 @@ def _name_offline_route(verdict: Verdict, mode: str, condition: str) -> Verdict:
     """Record the mode; where the budget left the verdict open, say where it is decided."""
     verdict.details["mode"] = mode
     skipped = [d for d in [verdict.details] + verdict.details.get("per_output", [])
-               if d.get("factor_route_skipped") or "over the budget" in str(d.get("notes", ""))]
+               if d.get("factor_route_skipped") or d.get("sketch_skipped")
+               or "over the budget" in str(d.get("notes", ""))]
     if verdict.verdict == "inconclusive" and skipped:
         where = f"gconv verify {condition} --checkpoint DIR/checkpoint.pt"
         verdict.details["decide_offline"] = where

@@ -152,13 +152,15 @@ def safe_exploration_of_inputs(head: GatedHead, z: Tensor, *, q: Tensor | str | 
                                stop_unless_verified: bool = False) -> Verdict:
     """Assumption 10 for given head inputs ``Z = [z̄, 1]`` (n × m_{H−1}); ``feature_error`` as
     in :func:`noise_floor` raises each output's tolerance to that floor; ``fallback_flops`` caps
-    each output's factor route (:func:`~global_convergence.linalg.factor_rank_verdict`).
+    the expensive routes of all outputs together (each output gets an equal share; the sketch
+    and the factor route of :func:`~global_convergence.linalg.factor_rank_verdict`).
     ``stop_unless_verified=True`` stops at the first output that is not *verified* (an attempt
     whose only useful answer is *verified* for all outputs); ``details["outputs_checked"]``
     counts the outputs decided."""
     start = time.perf_counter()
     gates, source = gate_matrices(head, q, seed, z.dtype, z.device)
     zz = shared_inner_products(z, len(gates))
+    share = None if fallback_flops is None else fallback_flops / len(gates)
     results = []
     for label, qj in gates:
         s = gate_values(z, qj, head.gate_sharpness)
@@ -168,7 +170,7 @@ def safe_exploration_of_inputs(head: GatedHead, z: Tensor, *, q: Tensor | str | 
                                       tol=tol, band=band, cross_check=cross_check,
                                       factor_memory_budget=factor_memory_budget,
                                       gram_memory_budget=gram_memory_budget, seed=seed,
-                                      noise_floor=floor, fallback_flops=fallback_flops)
+                                      noise_floor=floor, fallback_flops=share)
         results.append((label, verdict))
         if stop_unless_verified and not verdict.verified:
             break
