@@ -31,8 +31,10 @@ from ..models import non_analytic_modules
 from .certified import AUTO_BUDGET_FLOPS, certified_features, require_mode
 from .expressivity import check_flops as expressivity_check_flops
 from .expressivity import expressivity_of_features
+from .expressivity import float32_screen as expressivity_screen
 from .features import FEATURE_CHUNK, require_ee, require_split
 from .safe_exploration import check_flops as safe_check_flops
+from .safe_exploration import float32_screen as safe_screen
 from .safe_exploration import gate_matrices, gate_values, safe_exploration_of_inputs
 
 GRADIENT_DESCENT_NAMES = ("sgd", "gd", "gradient_descent", "gradient-descent")
@@ -70,7 +72,8 @@ def two_phase_certificate(model: nn.Module, x: Tensor, loss: Loss, *, full_batch
 
     h, verdict = certified_features(model, x, check, features, precision, chunk_size, mode=mode,
                                     budget_flops=budget_flops, condition="expressivity",
-                                    check_flops=lambda n, m: expressivity_check_flops(n, m + 1))
+                                    check_flops=lambda n, m: expressivity_check_flops(n, m + 1),
+                                    screen=expressivity_screen)
     l_h = loss.smoothness / h.shape[0] * float((h.pow(2).sum(dim=1) + 1.0).sum())
     constants = {"L_loss": loss.smoothness, "L_H": l_h}
     bound = {"theorem": "[KS21] Theorem 1(i)", "formula": TWO_PHASE_FORMULA,
@@ -104,7 +107,8 @@ def ee_certificate(model: nn.Module, x: Tensor, loss: Loss, *, full_batch: bool,
                                         mode=mode, budget_flops=budget_flops,
                                         condition="safe-exploration",
                                         check_flops=lambda n, m: safe_check_flops(n, head.width,
-                                                                                  m + 1))
+                                                                                  m + 1),
+                                        screen=safe_screen(head, None, 0))
     z = head.augmented_input(z_bar)
     l_hat = loss.smoothness * float(ee_row_bounds(model, z).pow(2).sum()) / z.shape[0]
     constants = {"L_loss": loss.smoothness, "L_hat": l_hat}

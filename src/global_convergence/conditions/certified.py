@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ..errors import NumericalError, UserInputError
 from ..linalg import Verdict
-from .features import FEATURE_CHUNK, relative_row_error, sample_index, trunk_features
+from .features import (FEATURE_CHUNK, precise_copy, relative_row_error, sample_index,
+                       trunk_features)
 
 CERTIFICATE_PRECISIONS = ("auto", "float64")
 CERTIFICATE_MODES = ("auto", "full")
@@ -35,6 +36,12 @@ GEMM_PROBE_ROWS = 512
 RECOMPUTE_GROUP = 8
 """Chunks of rows recomputed per float64 copy of the trunk in the float64 pass."""
 
+Screen = Callable[[Tensor, float, int], "tuple[bool, dict[str, float]]"]
+"""``screen(sample, feature_error, n)``: whether float32 features with relative row error
+``feature_error`` could verify the condition on ``n`` rows, judged from the float64 features of
+the sampled rows: by row-deletion interlacing ``σ_n(A) ≤ σ_k(A_sample)`` (k sampled rows), so
+when ``σ_k`` of the sample is below ``band ×`` the noise floor (estimated from the sample scaled
+to n rows), the attempt cannot give *verified*. Returns the answer and its figures."""
 Check = Callable[[Tensor, "float | None", "float | None"], Verdict]
 """``check(features, feature_error, fallback_flops)``: the condition's verdict on ``features``
 with a relative row error ``feature_error`` (None: exact) and the factor route capped at
@@ -55,8 +62,8 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
                        precision: str, chunk_size: int = FEATURE_CHUNK, *, mode: str = "auto",
                        budget_flops: float = AUTO_BUDGET_FLOPS,
                        condition: str = "the condition",
-                       check_flops: Callable[[int, int], float] | None = None
-                       ) -> tuple[Tensor, Verdict]:
+                       check_flops: Callable[[int, int], float] | None = None,
+                       screen: Screen | None = None) -> tuple[Tensor, Verdict]:
     """Trunk features of ``x`` (float64) and the verdict ``check`` gives on them.
 
     ``precision="float64"``: float64 features only. ``"auto"``: first the float32 features —
@@ -67,7 +74,8 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
     a verdict into *verified* that float64 would not give. The float32 attempt is skipped when
     it cannot pay: ``check_flops(n, m)`` (the cost of one check on ``n × m`` features, at the
     measured float64 GEMM rate) above the estimated float64 pass (the sample's time scaled to
-    ``n``); ``details["float32_attempt"]`` says so. ``mode`` and ``budget_flops`` as in the
+    ``n``), or when ``screen(sample, error, n)`` shows that float32 cannot verify (see
+    :data:`Screen`); ``details["float32_attempt"]`` says so. ``mode`` and ``budget_flops`` as in the
     module docstring. The constants (``L_H``, ``L̂``) are then computed on the features the
     verdict used.
     """
@@ -82,7 +90,19 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
     index = sample_index(x.shape[0])
     sample, sample_seconds = trunk_features(model, x[index.to(x.device)], torch.float64,
                                             chunk_size)
-    worth, estimate = _float32_pays(x.shape[0], sample, sample_seconds, check_flops, features)
+    copy_start = time.perf_counter()
+    precise_copy(model.trunk, torch.float64)
+    copies = math.ceil(x.shape[0] / (RECOMPUTE_GROUP * chunk_size))
+    pass_seconds = _pass_seconds(x.shape[0], sample.shape[0], sample_seconds,
+                                 time.perf_counter() - copy_start, copies)
+    worth, estimate = _float32_pays(x.shape[0], sample, pass_seconds, check_flops, features)
+    if worth and screen is not None:
+        rows32 = (features[index.to(features.device)] if features is not None else
+                  trunk_features(model, x[index.to(x.device)], torch.float32, chunk_size)[0])
+        bound = relative_row_error(rows32, sample).bound
+        if math.isfinite(bound):          # inf/NaN: the overflow path below says so
+            worth, figures = screen(sample, bound, x.shape[0])
+            estimate.update(figures)
     if not worth:
         exact = torch.empty(x.shape[0], sample.shape[1], dtype=torch.float64,
                             device=sample.device)
@@ -91,7 +111,8 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
         verdict = _checked(check, exact, None, fallback, time.perf_counter() - start, "float64")
         verdict.details["float32_attempt"] = {"verdict": None, "skipped": estimate}
         verdict.details.setdefault("notes", []).append(
-            "float32 attempt skipped: one check costs more than the float64 feature pass")
+            "float32 attempt skipped: it cannot pay (one check costs more than the float64 "
+            "feature pass) or cannot verify (its noise floor is above σ_n's upper bound)")
         return exact, _name_offline_route(verdict, mode, condition)
     if features is None:
         features, _ = trunk_features(model, x, torch.float32, chunk_size)
@@ -135,14 +156,21 @@ def gemm_rate(width: int, device: torch.device, rows: int = GEMM_PROBE_ROWS) -> 
 
 
 
-def _float32_pays(n: int, sample: Tensor, sample_seconds: float,
+def _pass_seconds(n: int, rows: int, sample_seconds: float, copy_seconds: float,
+                  copies: int) -> float:
+    """The float64 pass over ``n`` rows estimated from one over ``rows``: the per-row time
+    (the sample's, less its copy of the trunk) times n, plus one copy per group of rows."""
+    per_row = max(sample_seconds - copy_seconds, 0.0) / max(rows, 1)
+    return per_row * n + copy_seconds * copies
+
+
+def _float32_pays(n: int, sample: Tensor, pass_seconds: float,
                   check_flops: Callable[[int, int], float] | None,
                   features: Tensor | None) -> tuple[bool, dict[str, float]]:
     """Whether the float32 attempt can save more than it risks: the float64 pass it would save
-    (the sample's seconds scaled to ``n`` rows) against one check's estimated seconds."""
+    (``pass_seconds``, :func:`_pass_seconds`) against one check's estimated seconds."""
     if check_flops is None or sample.shape[0] == 0:
         return True, {}
-    pass_seconds = sample_seconds * n / sample.shape[0]
     check_seconds = check_flops(n, sample.shape[1]) / gemm_rate(sample.shape[1], sample.device)
     estimate = {"float64_pass_seconds_estimate": pass_seconds,
                 "check_seconds_estimate": check_seconds,
@@ -154,7 +182,8 @@ def _name_offline_route(verdict: Verdict, mode: str, condition: str) -> Verdict:
     """Record the mode; where the budget left the verdict open, say where it is decided."""
     verdict.details["mode"] = mode
     skipped = [d for d in [verdict.details] + verdict.details.get("per_output", [])
-               if d.get("factor_route_skipped") or "over the budget" in str(d.get("notes", ""))]
+               if d.get("factor_route_skipped") or d.get("sketch_skipped")
+               or "over the budget" in str(d.get("notes", ""))]
     if verdict.verdict == "inconclusive" and skipped:
         where = f"gconv verify {condition} --checkpoint DIR/checkpoint.pt"
         verdict.details["decide_offline"] = where

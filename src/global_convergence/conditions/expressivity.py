@@ -9,6 +9,8 @@ and QR with column pivoting) on ``[h_X, 1]`` itself.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -39,6 +41,17 @@ def check_flops(rows: int, cols: int, dense_up_to_flops: float = DENSE_UP_TO_FLO
     if dense <= dense_up_to_flops or cols < rows:
         return dense
     return 2.0 * rows * rows * cols + rows ** 3 / 3.0
+
+
+def float32_screen(sample: Tensor, feature_error: float, n: int,
+                   band: float = RANK_BAND) -> tuple[bool, dict[str, float]]:
+    """:data:`~.certified.Screen` for ``[h, 1]``: ``σ_n ≤ σ_min([h_s, 1])`` of the sampled rows
+    against ``band`` times the noise floor ``e·‖h‖_F`` (``‖h‖_F`` estimated from the sample)."""
+    if sample.shape[0] == 0:
+        return True, {}
+    upper = float(torch.linalg.svdvals(with_constant(sample))[-1])
+    floor = feature_error * float(sample.norm()) * math.sqrt(n / sample.shape[0])
+    return upper > band * floor, {"sigma_n_upper_bound": upper, "noise_floor_estimate": floor}
 
 
 def expressivity(model: nn.Module, x: Tensor, *, dtype: torch.dtype | None = None,
@@ -80,7 +93,8 @@ def expressivity(model: nn.Module, x: Tensor, *, dtype: torch.dtype | None = Non
     else:
         _, verdict = certified_features(model, x, check, None, precision, chunk_size,
                                         mode="full", condition="expressivity",
-                                        check_flops=lambda n, m: check_flops(n, m + 1))
+                                        check_flops=lambda n, m: check_flops(n, m + 1),
+                                        screen=float32_screen)
     verdict.details["batchnorm"] = statistics
     return verdict
 

@@ -227,6 +227,12 @@ def _try_sketch(factor: RowFactor, tol: float, band: float, memory: int, flops: 
     the sketch costs at most half the factor route, fits ``memory`` and ``flops``."""
     if not isinstance(factor, KhatriRaoFactor):
         return None
+    n0 = factor.rows
+    cost0 = sketch_flops(n0, factor.s.shape[1], factor.z.shape[1], sketch_columns(n0))
+    if flops is not None and cost0 > flops and cost0 <= factor_route_flops(n0, factor.cols) / 2:
+        details["sketch_skipped"] = {"flops": cost0, "flops_budget": flops}
+        details["notes"].append(f"the Khatri–Rao sketch ({cost0:.3g} flops) is over the budget "
+                                f"of {flops:.3g} flops; skipped")
     n, m_s, m_z = factor.rows, factor.s.shape[1], factor.z.shape[1]
     k = sketch_columns(n)
     cost = sketch_flops(n, m_s, m_z, k)
@@ -261,8 +267,9 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     ``block`` forces the blocked layout with that panel width. ``noise_floor`` (a bound on
     ``‖A − A_exact‖₂``) raises the tolerance to at least itself (Weyl's inequality), so that
     rounding in how ``A`` was computed cannot fake or hide a singular value. ``fallback_flops``
-    caps the factor route's cost (:func:`factor_route_flops`; ``None``: no cap, ``0``: never):
-    over it the route is skipped and the note says what it would have cost.
+    caps the cost of each expensive route — the Khatri–Rao sketch (:func:`.sketch.sketch_flops`)
+    and the factor route (:func:`factor_route_flops`); ``None``: no cap, ``0``: never — over it
+    the route is skipped and the note says what it would have cost.
     """
     start = time.perf_counter()
     n, cols, dtype = factor.rows, factor.cols, factor.dtype
