@@ -11,7 +11,9 @@ Cases: a well-conditioned Khatri-Rao ``ϕ`` and a dense ``[h_X, 1]``-like matrix
 certificate); the same with a repeated row / a rank-450 product, where the certificate must break
 down at the same row as in one process and the factor route decides *not-verified*; and the
 repeated row without room for the factor route, *inconclusive* with the certified rows as the
-lower bound. Tolerance and margin are computed from ``σ_max``, which rank 0 computes with one
+lower bound. ``gconv verify safe-exploration`` started on 2 ranks (as torchrun starts them: the
+environment names rank, world and rendezvous) reports, on rank 0 only, the verdict one process
+reports. Tolerance and margin are computed from ``σ_max``, which rank 0 computes with one
 thread and this process with several: they must agree to 1e-12 relative; verdict word, rank,
 methods and breakdown row exactly.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from global_convergence.cli import main as gconv
 from global_convergence.linalg import DenseFactor, KhatriRaoFactor, factor_rank_verdict
 from global_convergence.linalg.cholesky import blocked_bytes, shifted_cholesky
 from global_convergence.linalg.distributed_cholesky import (distributed_bytes,
@@ -40,6 +44,10 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 WORLD = 2
 BLOCK = 40
 LAUNCH_TIMEOUT = 60
+"""Seconds a 2-rank launch of the linear algebra may take (measured 20-24 s at load 9-11 on 2
+cores, mostly importing torch), so that a bug cannot hang the suite."""
+CLI_TIMEOUT = 180
+"""The same for two ``gconv verify`` processes (measured 39-43 s at load 8-11 on 2 cores)."""
 RTOL = 1e-12
 SAME = ("verdict", "rank", "n", "precision", "methods", "agree", "shape", "cholesky_failed_at")
 CLOSE = ("tolerance", "margin", "sigma_max", "cholesky_shift", "certified_sigma_min_lower_bound",
@@ -230,3 +238,44 @@ def test_shares_cover_the_triangle_and_balance():
         assert max(need) - extra < 1.6 * triangle * 8 / world
     assert default_block(8000, 2) == 1000 and default_block(600, 2) == 256
     assert default_block(73_257, 4) == 4096
+
+
+VERIFY = ["verify", "safe-exploration", "--data", "digits", "--model", "mlp", "--n", "400", "--json"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gconv_verify_on_two_ranks_reports_the_one_process_verdict(tmp_path, capsys):
+    port = free_port()
+    procs, logs = [], []
+    for r in range(WORLD):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
+               "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        logs.append(tmp_path / f"rank{r}.err")
+        procs.append(subprocess.Popen([sys.executable, "-m", "global_convergence", *VERIFY],
+                                      stdout=subprocess.PIPE, stderr=logs[r].open("w"), env=env,
+                                      text=True))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert gconv(VERIFY) == 0                 # the one-process reference, meanwhile
+        outputs = [p.communicate(timeout=CLI_TIMEOUT)[0] for p in procs]
+    finally:
+        torch.set_num_threads(previous)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    one = json.loads(capsys.readouterr().out)
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r].read_text()[-4000:]}"
+    assert outputs[1] == ""                       # only rank 0 reports
+    two = json.loads(outputs[0])
+    assert (two["world_size"], two["route"], two["cholesky_layout"]) == (
+        WORLD, "gram-cholesky-distributed", "distributed-blocked")
+    assert one["route"] == "gram-cholesky" and "world_size" not in one
+    assert_same_verdict(two, one, 1e-6)
+    assert two["verdict"] == "verified" and two["q"] == one["q"]

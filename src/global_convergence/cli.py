@@ -168,6 +168,8 @@ def _verify(args: argparse.Namespace) -> int:
     verdict = verify(args.condition, data=args.data, model=args.model, n=args.n, seed=args.seed,
                      loss=args.loss, width=args.width, checkpoint=args.checkpoint,
                      data_root=args.data_root, device=args.device)
+    if os.environ.get("RANK", "0") != "0":
+        return 0      # under torchrun only rank 0 reports
     if args.json:
         print(json.dumps(verdict.to_dict()))
     else:

@@ -6,6 +6,9 @@ checkpoint of ``gconv train``.
 - safe exploration ([K22] Assumption 10) as the paper checked it: a He-initialised trunk and gate
   vectors ``q ~ N(0, 1)``; on a checkpoint, the actual state (``q = R(j)`` after the switch);
 - alignment ([K22] Definition 2) on the initial model, or the checkpoint's.
+
+Under ``torchrun --nproc_per_node=N``, safe exploration's Gram certificate is split over the N
+ranks (:mod:`~global_convergence.conditions.safe_exploration_ranks`); rank 0 prints the verdict.
 """
 from __future__ import annotations
 
@@ -13,17 +16,20 @@ import torch
 from torch import nn
 
 from .. import conditions
+from ..conditions.safe_exploration_ranks import safe_exploration_on_ranks
 from ..data import load_dataset
 from ..errors import UserInputError
 from ..losses import make_loss
 from ..models import build_model, ee_model, two_phase_model
 from ..training import TrainConfig, build_run, load_checkpoint
+from ..training.distributed import init_distributed
 
 
 def verify(condition: str, *, data: str, model: str, n: int | None = None, seed: int = 0,
            loss: str = "ce", width: int = 1, checkpoint: str | None = None,
            data_root: str | None = None, device: str = "cpu"):
     """The :class:`~global_convergence.linalg.Verdict` of ``condition``."""
+    ranks = _on_ranks(device)
     if checkpoint is not None:
         return _verify_checkpoint(condition, checkpoint, device)
     dataset = load_dataset(data, n=n, seed=seed, data_root=data_root, loss=loss)
@@ -38,6 +44,8 @@ def verify(condition: str, *, data: str, model: str, n: int | None = None, seed:
         if condition == "safe-exploration":
             modified = ee_model(base, dataset.n)
             conditions.he_initialise(modified.trunk, seed)
+            if ranks:
+                return safe_exploration_on_ranks(modified.to(device), x, q="random", seed=seed)
             return conditions.safe_exploration(modified.to(device), x, q="random", seed=seed)
     if condition == "alignment":
         return conditions.alignment(base.to(device), x, dataset.y_train.to(device), loss=loss_fn)
@@ -62,4 +70,12 @@ def _verify_checkpoint(condition: str, path: str, device: str):
     if config.method != "ee":
         raise UserInputError(f"safe-exploration is the condition of ee runs; {path} is a "
                              f"'{config.method}' run")
+    if _on_ranks(device):
+        return safe_exploration_on_ranks(model, run.x)
     return conditions.safe_exploration(model, run.x)
+
+
+def _on_ranks(device: str) -> bool:
+    """Whether ``torchrun`` started this process among others (then it joins their process
+    group): safe exploration's Gram certificate is then split over the ranks."""
+    return init_distributed("cuda" if device.startswith("cuda") else "cpu").distributed
