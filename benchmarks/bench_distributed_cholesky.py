@@ -4,7 +4,8 @@ For a well-conditioned Khatri-Rao ``ϕ`` ([K22] §3.3.1; ``m_H = 32``, ``m_{H−
 ``cols ≥ n``) at each n, in one run:
 
 * ``ranks``   — :func:`distributed_factor_rank_verdict` on ``--world`` processes (gloo, a file
-  store, one intra-op thread each), the slowest rank's wall time of the call (start-up excluded);
+  store, one intra-op thread each), the slowest rank's wall time of the call (start-up excluded),
+  and the fraction of it each rank spent waiting for panels;
 * ``1p-blocked-1t`` — :func:`factor_rank_verdict` in this process with the same block width and
   one intra-op thread (the work of one rank's core, done alone);
 * ``1p-blocked`` — the same with ``--world`` intra-op threads (the same cores as the ranks);
@@ -54,7 +55,8 @@ def rank_main(rank: int, world: int, root: str, n: int, block: int | None) -> No
     verdict = distributed_factor_rank_verdict(factor, block=block)
     seconds = time.perf_counter() - start
     Path(root, f"rank{rank}.json").write_text(json.dumps(
-        {"seconds": seconds, "verdict": verdict.verdict, "margin": verdict.details.get("margin"),
+        {"seconds": seconds, "wait": verdict.seconds.get("cholesky_wait", 0.0),
+         "verdict": verdict.verdict, "margin": verdict.details.get("margin"),
          "block": verdict.details.get("cholesky_block"),
          "bytes": verdict.details.get("cholesky_bytes_per_rank")}))
     dist.destroy_process_group()
@@ -110,7 +112,9 @@ def main() -> None:
               f"{t_default:>13.2f} {t_ranks / t_single:>9.2f} {t_ranks / t_blocked:>14.2f} "
               f"{t_ranks / t_default:>14.2f}  {sorted(words)} "
               f"margin {ranks[0]['margin']:.3g} / {blocked.details['margin']:.3g}; "
-              f"bytes per rank {ranks[0]['bytes']}", flush=True)
+              f"bytes per rank {ranks[0]['bytes']}; waiting for panels "
+              f"{[round(r['wait'] / r['seconds'], 3) for r in ranks]} of each rank's time",
+              flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 

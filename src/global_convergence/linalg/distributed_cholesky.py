@@ -7,8 +7,9 @@ may hold. Here its block columns ``L[k0:, k0:k0+b]`` are dealt out block-cyclica
 (``ϕϕᵀ = (S Sᵀ) ⊙ (Z Zᵀ)`` for a :class:`~.factors.KhatriRaoFactor`), and the factorisation is
 right-looking: at step ``k`` the owner factors the diagonal block, solves for the rows below it
 and broadcasts the panel; every rank subtracts ``L[j0:, k] L[j0:j1, k]ᵀ`` from its own block
-columns ``j > k``. No rank ever holds more than its share of the triangle and one panel
-(:func:`distributed_bytes`).
+columns ``j > k`` (the owner of column ``k + 1`` first, so that it can factor and send the next
+panel while the others update: a look-ahead of one panel). No rank ever holds more than its share
+of the triangle and one received panel (:func:`distributed_bytes`).
 
 Why ``broadcast`` is all it takes: each block column receives exactly the updates the one-process
 left-looking factorisation (:func:`.cholesky.shifted_cholesky` with ``block``) subtracts, in the
@@ -22,6 +23,7 @@ row. The backends supporting ``broadcast`` on the tensors' device are gloo (CPU,
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +53,13 @@ class Ranks:
         """The rank holding block column ``k`` (block-cyclic)."""
         return k % self.world
 
-    def broadcast(self, tensor: Tensor, src: int) -> None:
-        """``tensor`` (contiguous, written in place) from group rank ``src`` to every rank."""
-        if self.world > 1:
-            root = src if self.group is None else dist.get_global_rank(self.group, src)
-            dist.broadcast(tensor, src=root, group=self.group)
+    def broadcast(self, tensor: Tensor, src: int, async_op: bool = False) -> dist.Work | None:
+        """``tensor`` (contiguous, written in place) from group rank ``src`` to every rank; with
+        ``async_op`` the pending work (wait on it before the tensor is freed)."""
+        if self.world == 1:
+            return None
+        root = src if self.group is None else dist.get_global_rank(self.group, src)
+        return dist.broadcast(tensor, src=root, group=self.group, async_op=async_op)
 
     def all_min(self, value: int, device: torch.device) -> int:
         """The smallest of every rank's ``value``."""
@@ -153,6 +157,7 @@ class DistributedCholeskyOutcome:
 
     factor: DistributedCholeskyFactor | None
     failed_at: int | None
+    wait_seconds: float = 0.0
 
     @property
     def success(self) -> bool:
@@ -165,29 +170,68 @@ def distributed_shifted_cholesky(factor: RowFactor, shift: float, block: int,
     """Right-looking blocked Cholesky of ``Ĝ − shift·I``, ``Ĝ = A Aᵀ`` from ``factor``, with
     block columns of ``block`` columns spread block-cyclically over the ranks of ``group``
     (default: the whole world; without a process group, one rank). Every rank of the group
-    calls it with the same factor, shift and block."""
+    calls it with the same factor, shift and block.
+
+    Look-ahead by one panel: the owner of block column ``k + 1`` applies panel ``k`` to it first,
+    factors it and starts its broadcast before updating its other columns, so the next panel is
+    on its way while every rank is still busy with the current one. Each column still receives
+    panels ``0, 1, …`` in order. ``outcome.wait_seconds`` is the time this rank waited for panels.
+    """
     ranks = Ranks.of(group)
     n, starts = factor.rows, block_starts(factor.rows, block)
     local = _own_gram_columns(factor, shift, block, ranks)
     buffer = (torch.empty(n * min(block, n), dtype=factor.dtype, device=factor.device)
               if ranks.world > 1 else None)
-    status = torch.zeros(1, dtype=torch.int64, device=factor.device)
-    for k, k0 in enumerate(starts):
-        b, src = min(block, n - k0), ranks.owner(k)
-        if src == ranks.rank:
-            info = _factor_panel(local[k], b)
-            status.fill_(info)
-        ranks.broadcast(status, src)
-        if int(status) != 0:
-            return DistributedCholeskyOutcome(None, k0 + int(status) - 1)
-        panel = local[k] if src == ranks.rank else buffer[:(n - k0) * b].view(n - k0, b)
-        ranks.broadcast(panel, src)
-        for j in (j for j in local if j > k):
-            rows = panel[starts[j] - k0:]
-            local[j].addmm_(rows, rows[:local[j].shape[1]].T, alpha=-1.0)
+    sent: dict[int, tuple[int, list]] = {}      # block column -> (LAPACK info, its broadcasts)
+    waited = 0.0
+    try:
+        for k, k0 in enumerate(starts):
+            b, src = min(block, n - k0), ranks.owner(k)
+            if src == ranks.rank:
+                if k not in sent:
+                    sent[k] = _factor_and_send(local[k], b, k, ranks)
+                info, panel = sent[k][0], local[k]
+            else:
+                start = time.perf_counter()
+                status = torch.zeros(1, dtype=torch.int64, device=factor.device)
+                ranks.broadcast(status, src)
+                info = int(status)
+                panel = buffer[:(n - k0) * b].view(n - k0, b)
+                if info == 0:
+                    ranks.broadcast(panel, src)
+                waited += time.perf_counter() - start
+            if info != 0:
+                return DistributedCholeskyOutcome(None, k0 + info - 1, waited)
+            ahead = k + 1 if k + 1 in local and k + 1 not in sent else None
+            if ahead is not None:
+                _update(local[ahead], panel, starts[ahead] - k0)
+                sent[ahead] = _factor_and_send(local[ahead], local[ahead].shape[1], ahead, ranks)
+            for j in (j for j in local if j > k and j != ahead):
+                _update(local[j], panel, starts[j] - k0)
+    finally:
+        for _, works in sent.values():
+            for work in works:
+                work.wait()
     return DistributedCholeskyOutcome(
         DistributedCholeskyFactor(local, n, shift, block, ranks, factor.dtype, factor.device),
-        None)
+        None, waited)
+
+
+def _update(column: Tensor, panel: Tensor, offset: int) -> None:
+    """``column −= L[j0:, k] L[j0:j1, k]ᵀ`` with ``panel = L[k0:, k]`` and ``offset = j0 − k0``."""
+    rows = panel[offset:]
+    column.addmm_(rows, rows[:column.shape[1]].T, alpha=-1.0)
+
+
+def _factor_and_send(column: Tensor, b: int, k: int, ranks: Ranks) -> tuple[int, list]:
+    """Factor this rank's block column ``k`` in place and start broadcasting its status and, on
+    success, the panel; ``(info, pending broadcasts)``."""
+    info = _factor_panel(column, b)
+    status = torch.full((1,), info, dtype=torch.int64, device=column.device)
+    works = [ranks.broadcast(status, ranks.rank, async_op=True)]
+    if info == 0:
+        works.append(ranks.broadcast(column, ranks.rank, async_op=True))
+    return info, [w for w in works if w is not None]
 
 
 def _own_gram_columns(factor: RowFactor, shift: float, block: int, ranks: Ranks

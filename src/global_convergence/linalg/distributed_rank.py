@@ -111,6 +111,8 @@ def distributed_factor_rank_verdict(factor: RowFactor, target: int | None = None
     verdict = _assemble(condition, target, factor, factor.dtype, tol, band, methods, values, cert,
                         details)
     verdict.seconds["rank"] = time.perf_counter() - start
+    if cert is not None and "wait_seconds" in cert:
+        verdict.seconds["cholesky_wait"] = cert["wait_seconds"]   # this rank's, for panels
     return verdict
 
 
@@ -149,6 +151,7 @@ def _certificate(factor: RowFactor, tol: float, band: float, trace: float, budge
                                 " GiB on some rank, more than allowed; use more ranks")
         return result
     outcome = distributed_shifted_cholesky(factor, shift, block, ranks.group)
+    result["wait_seconds"] = outcome.wait_seconds
     if not outcome.success:
         result["failed_at"] = outcome.failed_at
         details["cholesky_failed_at"] = outcome.failed_at
