@@ -66,16 +66,22 @@ from global_convergence.linalg import DenseFactor, KhatriRaoFactor
 from global_convergence.linalg.distributed_cholesky import distributed_shifted_cholesky
 from global_convergence.linalg.distributed_rank import distributed_factor_rank_verdict
 
-rank, root = int(sys.argv[1]), sys.argv[2]
+rank, world, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
+dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=world)
 tensors = torch.load(f"{root}/factors.pt")
 cases = json.loads(open(f"{root}/cases.json").read())
+groups = {tuple(c["members"]): dist.new_group(c["members"])      # every rank creates each group
+          for c in cases.values() if "members" in c}
 out = {}
 for name, case in cases.items():
+    members = case.get("members")
+    if members is not None and rank not in members:
+        continue
     parts = tensors[case["factor"]]
     factor = KhatriRaoFactor(*parts) if len(parts) == 2 else DenseFactor(parts[0])
-    out[name] = distributed_factor_rank_verdict(factor, **case["options"]).to_dict()
+    group = None if members is None else groups[tuple(members)]
+    out[name] = distributed_factor_rank_verdict(factor, group=group, **case["options"]).to_dict()
     if name == "kr-full":
         held = distributed_shifted_cholesky(factor, out[name]["cholesky_shift"],
                                             case["options"]["block"])
@@ -107,39 +113,37 @@ def build(parts: tuple[torch.Tensor, ...]):
     return KhatriRaoFactor(*parts) if len(parts) == 2 else DenseFactor(parts[0])
 
 
-def per_rank_budget(n: int) -> int:
+def per_rank_budget(n: int, world: int = WORLD) -> int:
     """What the busiest rank needs: less than one process's blocked factorisation."""
-    return max(distributed_bytes(n, BLOCK, 8, WORLD))
+    return max(distributed_bytes(n, BLOCK, 8, world))
+
+
+def case(tensors, name: str, world: int = WORLD, **extra) -> dict:
+    n = tensors[name][0].shape[0]
+    return {"factor": name, "options": {"block": BLOCK, "memory_budget_per_rank":
+                                        per_rank_budget(n, world), **extra}}
 
 
 def cases(tensors) -> dict[str, dict]:
-    def case(name: str, **extra) -> dict:
-        n = tensors[name][0].shape[0]
-        return {"factor": name, "options": {"block": BLOCK, "memory_budget_per_rank":
-                                            per_rank_budget(n), **extra}}
-    return {"kr-full": case("kr"), "kr-repeated": case("kr-repeated"),
-            "kr-repeated-no-factor-route": case("kr-repeated", factor_memory_budget=1),
-            "dense-full": case("dense"), "dense-low": case("dense-low")}
+    return {"kr-full": case(tensors, "kr"), "kr-repeated": case(tensors, "kr-repeated"),
+            "kr-repeated-no-factor-route": case(tensors, "kr-repeated", factor_memory_budget=1),
+            "dense-full": case(tensors, "dense"), "dense-low": case(tensors, "dense-low")}
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Every case decided on 2 gloo ranks: ``(cases, inputs, [rank 0's results, rank 1's])``."""
-    root = tmp_path_factory.mktemp("distchol")
-    tensors = factors()
-    spec = cases(tensors)
+def launch(root: Path, world: int, spec: dict, tensors) -> list[dict]:
+    """Run the driver on ``world`` gloo ranks; each rank's results."""
     torch.save(tensors, root / "factors.pt")
     (root / "cases.json").write_text(json.dumps(spec))
     (root / "driver.py").write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    logs = [(root / f"rank{r}.log").open("w") for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, str(root / "driver.py"), str(r), str(root)],
-                              stdout=logs[r], stderr=subprocess.STDOUT, env=env)
-             for r in range(WORLD)]
+    logs = [(root / f"rank{r}.log").open("w") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, str(root / "driver.py"), str(r), str(world),
+                               str(root)], stdout=logs[r], stderr=subprocess.STDOUT, env=env)
+             for r in range(world)]
     try:
-        codes = [p.wait(timeout=LAUNCH_TIMEOUT) for p in procs]
+        codes = [p.wait(timeout=LAUNCH_TIMEOUT * world / 2) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -148,8 +152,15 @@ def two_ranks(tmp_path_factory):
             log.close()
     for r, code in enumerate(codes):
         assert code == 0, f"rank {r} failed:\n{(root / f'rank{r}.log').read_text()[-4000:]}"
-    results = [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    return spec, tensors, results
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every case decided on 2 gloo ranks: ``(cases, inputs, [rank 0's results, rank 1's])``."""
+    tensors = factors()
+    spec = cases(tensors)
+    return spec, tensors, launch(tmp_path_factory.mktemp("distchol"), WORLD, spec, tensors)
 
 
 def one_process(spec: dict, tensors, **layout) -> dict:
@@ -245,7 +256,8 @@ def test_shares_cover_the_triangle_and_balance():
     assert default_block(73_257, 4) == 4096
 
 
-VERIFY = ["verify", "safe-exploration", "--data", "digits", "--model", "mlp", "--n", "400", "--json"]
+VERIFY = ["verify", "safe-exploration", "--data", "digits", "--model", "mlp", "--n", "400",
+          "--json"]
 
 
 def free_port() -> int:
@@ -284,3 +296,24 @@ def test_gconv_verify_on_two_ranks_reports_the_one_process_verdict(tmp_path, cap
     assert one["route"] == "gram-cholesky" and "world_size" not in one
     assert_same_verdict(two, one, 1e-6, LANCZOS_RTOL)
     assert two["verdict"] == "verified" and two["q"] == one["q"]
+
+
+def test_three_ranks_and_a_subgroup_decide_what_one_process_decides(tmp_path):
+    """Block columns dealt over 3 ranks (one rank neither sends nor looks ahead at each step),
+    and the certificate on the subgroup of ranks 0 and 2 (group rank 1 is global rank 2) while
+    rank 1 sits out."""
+    tensors = {k: v for k, v in factors().items() if k.startswith("kr")}
+    spec = {"kr-full": case(tensors, "kr", 3), "kr-repeated": case(tensors, "kr-repeated", 3),
+            "kr-full-sub": {**case(tensors, "kr"), "members": [0, 2]},
+            "kr-repeated-sub": {**case(tensors, "kr-repeated"), "members": [0, 2]}}
+    results = launch(tmp_path, 3, spec, tensors)
+    assert "kr-full-sub" not in results[1]
+    for name, world in (("kr-full", 3), ("kr-repeated", 3), ("kr-full-sub", 2),
+                        ("kr-repeated-sub", 2)):
+        members = spec[name].get("members", range(3))
+        first, *others = (results[r][name] for r in members)
+        assert first["world_size"] == world
+        assert all({k: v for k, v in o.items() if k != "seconds"}
+                   == {k: v for k, v in first.items() if k != "seconds"} for o in others)
+        assert_same_verdict(first, one_process(spec[name], tensors, block=BLOCK), 1e-10)
+    assert results[0]["kr-repeated"]["cholesky_failed_at"] == 337

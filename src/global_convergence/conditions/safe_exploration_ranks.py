@@ -3,10 +3,11 @@
 :func:`safe_exploration_on_ranks` is :func:`.safe_exploration.safe_exploration` for n where one
 machine cannot hold the lower triangle of ``ϕϕᵀ`` (n = 73,257 for SVHN in [K22] Table 2: 21.5 GB
 in float64; docs/verifiers.md): every rank computes ``Z = [z̄, 1]`` and ``S = σ̃(Z qᵀ)`` itself
-(the same trunk, inputs and gates on every rank; n × (m_{H−1} + m_H) numbers), and each output's
-verdict comes from :func:`~global_convergence.linalg.distributed_rank.distributed_factor_rank_verdict`,
-which rebuilds on each rank only its own block columns of ``(S Sᵀ) ⊙ (Z Zᵀ)``. Every rank returns
-the same verdict. Under ``torchrun``, ``gconv verify safe-exploration`` takes this route.
+(the same trunk, inputs and gates on every rank; n × (m_{H−1} + m_H) numbers), and each
+output's verdict comes from
+:func:`~global_convergence.linalg.distributed_rank.distributed_factor_rank_verdict`, which
+rebuilds on each rank only its own block columns of ``(S Sᵀ) ⊙ (Z Zᵀ)``. Every rank returns the
+same verdict. Under ``torchrun``, ``gconv verify safe-exploration`` takes this route.
 """
 from __future__ import annotations
 
