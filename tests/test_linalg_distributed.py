@@ -127,7 +127,9 @@ def case(tensors, name: str, world: int = WORLD, **extra) -> dict:
 def cases(tensors) -> dict[str, dict]:
     return {"kr-full": case(tensors, "kr"), "kr-repeated": case(tensors, "kr-repeated"),
             "kr-repeated-no-factor-route": case(tensors, "kr-repeated", factor_memory_budget=1),
-            "dense-full": case(tensors, "dense"), "dense-low": case(tensors, "dense-low")}
+            "dense-full": case(tensors, "dense"), "dense-low": case(tensors, "dense-low"),
+            "kr-too-large": {"factor": "kr", "options": {"block": BLOCK,
+                                                         "memory_budget_per_rank": 10_000}}}
 
 
 def launch(root: Path, world: int, spec: dict, tensors) -> list[dict]:
@@ -208,7 +210,18 @@ def test_two_ranks_decide_what_one_process_decides(two_ranks, name):
     assert_same_verdict(two, dense, 1e-6, LANCZOS_RTOL)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_over_the_budget_per_rank_the_factor_route_decides_as_in_one_process(two_ranks):
+    spec, tensors, results = two_ranks
+    two = results[0]["kr-too-large"]
+    one = factor_rank_verdict(build(tensors["kr"]), gram_memory_budget=10_000, block=BLOCK)
+    assert two["cholesky_layout"] == one.details["cholesky_layout"] == "too-large"
+    assert two["route"] == "gram-cholesky-distributed+factor-svd-qr"
+    assert any("GiB on some rank" in note for note in two["notes"])
+    assert two["verdict"] == "verified" and two["methods"] == {"svd": 480, "qr": 480}
+    assert_same_verdict(two, one.to_dict(), 1e-6, LANCZOS_RTOL)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED) + ["kr-too-large"])
 def test_every_rank_returns_the_same_verdict(two_ranks, name):
     _, _, results = two_ranks
     first, second = ({k: v for k, v in r[name].items() if k != "seconds"} for r in results)

@@ -20,6 +20,7 @@ the same verdict; ``details`` add ``world_size``, the block width and the bytes 
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -51,6 +52,13 @@ def default_block(n: int, world: int) -> int:
     return min(CHOLESKY_BLOCK, max(MIN_BLOCK, math.ceil(n / (BLOCKS_PER_RANK * world))))
 
 
+def default_budget(device: torch.device) -> float:
+    """90 % of the free memory of ``device``, shared among the ranks ``torchrun`` started on
+    this machine (``LOCAL_WORLD_SIZE``) when they share its CPU memory."""
+    share = 1 if device.type == "cuda" else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return GRAM_MEMORY_FRACTION * available_bytes(device) / share
+
+
 def distributed_factor_rank_verdict(factor: RowFactor, target: int | None = None, *,
                                     condition: str = "rank",
                                     group: dist.ProcessGroup | None = None,
@@ -63,7 +71,7 @@ def distributed_factor_rank_verdict(factor: RowFactor, target: int | None = None
     """Decide ``rank(A) = target`` (default: all rows) as :func:`.rank.factor_rank_verdict`
     does, with the Gram certificate factorised over the ranks of ``group`` (default: the world).
 
-    ``memory_budget_per_rank`` caps what each rank holds (default: 90 % of its free memory);
+    ``memory_budget_per_rank`` caps what each rank holds (default :func:`default_budget`);
     ``block`` is the panel width (default :func:`default_block`). ``tol``, ``band``,
     ``cross_check``, ``factor_memory_budget``, ``seed`` and ``noise_floor`` mean what they mean
     there. Without a process group of more than one rank this *is* ``factor_rank_verdict``
@@ -137,7 +145,7 @@ def _certificate(factor: RowFactor, tol: float, band: float, trace: float, budge
     shift = CHOLESKY_SAFETY * (delta_gram + delta_chol) + (band * tol) ** 2
     itemsize = torch.empty((), dtype=dtype).element_size()
     need = distributed_bytes(n, block, itemsize, ranks.world)
-    limit = GRAM_MEMORY_FRACTION * available_bytes(factor.device) if budget is None else budget
+    limit = default_budget(factor.device) if budget is None else budget
     fits = ranks.all_min(int(need[ranks.rank] <= limit), factor.device) == 1
     details.update(gram_rounding_bound=delta_gram, cholesky_rounding_bound=delta_chol,
                    cholesky_shift=shift,
