@@ -213,7 +213,12 @@ def test_two_ranks_decide_what_one_process_decides(two_ranks, name):
 def test_over_the_budget_per_rank_the_factor_route_decides_as_in_one_process(two_ranks):
     spec, tensors, results = two_ranks
     two = results[0]["kr-too-large"]
-    one = factor_rank_verdict(build(tensors["kr"]), gram_memory_budget=10_000, block=BLOCK)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = factor_rank_verdict(build(tensors["kr"]), gram_memory_budget=10_000, block=BLOCK)
+    finally:
+        torch.set_num_threads(previous)
     assert two["cholesky_layout"] == one.details["cholesky_layout"] == "too-large"
     assert two["route"] == "gram-cholesky-distributed+factor-svd-qr"
     assert any("GiB on some rank" in note for note in two["notes"])
