@@ -1,4 +1,4 @@
-"""``gconv``: argument parsing and error reporting, nothing else (SPEC §7).
+"""``gconv``: argument parsing and error reporting, nothing else (README.md, docs/design.md).
 
 Errors in what the user gave exit with status 2 and one line on stderr, without a traceback.
 """
@@ -78,7 +78,7 @@ def _add_train(sub) -> None:
     p.add_argument("--noise", type=float, help="two-moons noise")
     p.add_argument("--augment", action="store_true", help="random crop (+ flip for CIFAR)")
     p.add_argument("--width", type=int, default=1, help="LeNet width multiplier m_c")
-    p.add_argument("--head-width", type=int, help="EE head width m_H (default: SPEC §3.2)")
+    p.add_argument("--head-width", type=int, help="EE head width m_H (default: docs/design.md)")
     p.add_argument("--track-alignment-every", type=int, help="check alignment every K steps")
     p.add_argument("--checkpoint-every", type=int, help="write checkpoint.pt every K steps")
     p.add_argument("--log-every", type=int, help="evaluate and log every K steps")
