@@ -239,6 +239,8 @@ def _verify(args: argparse.Namespace) -> int:
                      loss=args.loss, width=args.width, checkpoint=args.checkpoint,
                      data_root=args.data_root, device=args.device, batchnorm=args.batchnorm,
                      precision=args.precision)
+    if os.environ.get("RANK", "0") != "0":
+        return 0      # under torchrun only rank 0 reports
     if args.plot:
         from .conditions.plot import plot_spectrum
 

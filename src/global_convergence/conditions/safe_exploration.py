@@ -21,11 +21,13 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import UserInputError
 from ..linalg import (FACTOR_MEMORY_BUDGET, INCONCLUSIVE, NOT_VERIFIED, RANK_BAND, VERIFIED,
                       KhatriRaoFactor, Verdict, factor_rank_verdict)
+from ..linalg.distributed_rank import distributed_factor_rank_verdict
 from ..models.heads import GatedHead
 from .batchnorm import with_recomputed_batchnorm
 from .certified import certified_features
@@ -101,7 +103,8 @@ def safe_exploration(model: nn.Module, x: Tensor, *, q: Tensor | str | None = No
                      chunk_size: int = FEATURE_CHUNK, tol: float | None = None,
                      band: float = RANK_BAND, cross_check: bool = False,
                      factor_memory_budget: int = FACTOR_MEMORY_BUDGET,
-                     gram_memory_budget: int | None = None) -> Verdict:
+                     gram_memory_budget: int | None = None, distributed: bool = False,
+                     group: "dist.ProcessGroup | None" = None) -> Verdict:
     """[K22] Assumption 10: ``rank ϕ(q_j, θ(1:H−2)) = n`` for every output ``j``.
 
     ``model`` comes from :func:`~global_convergence.ee_model`; ``q`` as in :func:`gate_matrices`
@@ -115,6 +118,10 @@ def safe_exploration(model: nn.Module, x: Tensor, *, q: Tensor | str | None = No
     ``ϕ`` (``cross_check=True`` runs them always, the paper's two methods, on float64
     features) within ``factor_memory_budget`` bytes. *verified* only if every output is;
     ``details["per_output"]`` has each output's figures. Shape ``[n, m_H·m_{H−1}]``.
+    ``distributed=True``: every rank of ``group`` (default: the world) calls this with the same
+    model and inputs, and each output's Gram certificate is factorised over the ranks
+    (:func:`~global_convergence.linalg.distributed_rank.distributed_factor_rank_verdict`,
+    ``gram_memory_budget`` per rank) on float64 features; every rank returns the same verdict.
     """
     model = require_ee(model, "safe_exploration")
     model, statistics = with_recomputed_batchnorm(model, x, recompute=recompute_batchnorm,
@@ -126,15 +133,17 @@ def safe_exploration(model: nn.Module, x: Tensor, *, q: Tensor | str | None = No
             head, head.augmented_input(z_bar), q=q, seed=seed, tol=tol, band=band,
             cross_check=cross_check, factor_memory_budget=factor_memory_budget,
             gram_memory_budget=gram_memory_budget, feature_error=error,
-            fallback_flops=fallback, stop_unless_verified=error is not None)
+            fallback_flops=fallback, stop_unless_verified=error is not None,
+            distributed=distributed, group=group)
 
     if dtype is not None:
         z_bar, seconds = trunk_features(model, x, dtype, chunk_size)
         verdict = check(z_bar, None, None)
         verdict.seconds["features"] = seconds
     else:
+        exact = cross_check or distributed      # ranks must agree on one route: no timed attempt
         _, verdict = certified_features(model, x, check, None,
-                                        "float64" if cross_check else precision, chunk_size,
+                                        "float64" if exact else precision, chunk_size,
                                         mode="full", condition="safe-exploration",
                                         check_flops=lambda n, m: check_flops(n, head.width, m + 1),
                                         screen=float32_screen(head, q, seed, band))
@@ -149,14 +158,17 @@ def safe_exploration_of_inputs(head: GatedHead, z: Tensor, *, q: Tensor | str | 
                                gram_memory_budget: int | None = None,
                                feature_error: float | None = None,
                                fallback_flops: float | None = None,
-                               stop_unless_verified: bool = False) -> Verdict:
+                               stop_unless_verified: bool = False, distributed: bool = False,
+                               group: "dist.ProcessGroup | None" = None) -> Verdict:
     """Assumption 10 for given head inputs ``Z = [z̄, 1]`` (n × m_{H−1}); ``feature_error`` as
     in :func:`noise_floor` raises each output's tolerance to that floor; ``fallback_flops`` caps
     the expensive routes of all outputs together (each output gets an equal share; the sketch
     and the factor route of :func:`~global_convergence.linalg.factor_rank_verdict`).
     ``stop_unless_verified=True`` stops at the first output that is not *verified* (an attempt
     whose only useful answer is *verified* for all outputs); ``details["outputs_checked"]``
-    counts the outputs decided."""
+    counts the outputs decided. ``distributed``, ``group`` as in :func:`safe_exploration` (the
+    distributed route has no flop cap: its factor route runs on rank 0 within
+    ``factor_memory_budget``)."""
     start = time.perf_counter()
     gates, source = gate_matrices(head, q, seed, z.dtype, z.device)
     zz = shared_inner_products(z, len(gates))
@@ -166,11 +178,18 @@ def safe_exploration_of_inputs(head: GatedHead, z: Tensor, *, q: Tensor | str | 
         s = gate_values(z, qj, head.gate_sharpness)
         floor = 0.0 if feature_error is None else noise_floor(z, s, qj, head.gate_sharpness,
                                                               feature_error)
-        verdict = factor_rank_verdict(KhatriRaoFactor(s, z, zz), condition="safe-exploration",
-                                      tol=tol, band=band, cross_check=cross_check,
-                                      factor_memory_budget=factor_memory_budget,
-                                      gram_memory_budget=gram_memory_budget, seed=seed,
-                                      noise_floor=floor, fallback_flops=share)
+        factor = KhatriRaoFactor(s, z, zz)
+        if distributed:
+            verdict = distributed_factor_rank_verdict(
+                factor, condition="safe-exploration", group=group, tol=tol, band=band,
+                cross_check=cross_check, factor_memory_budget=factor_memory_budget,
+                memory_budget_per_rank=gram_memory_budget, seed=seed, noise_floor=floor)
+        else:
+            verdict = factor_rank_verdict(factor, condition="safe-exploration", tol=tol,
+                                          band=band, cross_check=cross_check,
+                                          factor_memory_budget=factor_memory_budget,
+                                          gram_memory_budget=gram_memory_budget, seed=seed,
+                                          noise_floor=floor, fallback_flops=share)
         results.append((label, verdict))
         if stop_unless_verified and not verdict.verified:
             break

@@ -12,6 +12,10 @@ checked (``batchnorm="recompute"``, the fixed function the second phase would us
 docs/verifiers.md "Batch norm at initialisation"); ``batchnorm="model"`` keeps the defaults. On a
 checkpoint the run's own statistics are used (after the switch they are the fixed ones). The
 JSON's ``batchnorm`` entry names the statistics used.
+
+Under ``torchrun --nproc_per_node=N``, safe exploration's Gram certificate is split over the N
+ranks (``distributed=True`` of :func:`~global_convergence.conditions.safe_exploration`); rank 0
+prints the verdict.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from ..errors import UserInputError
 from ..losses import make_loss
 from ..models import build_model, ee_model, two_phase_model
 from ..training import TrainConfig, build_run, load_checkpoint
+from ..training.distributed import init_distributed
 
 
 def verify(condition: str, *, data: str, model: str, n: int | None = None, seed: int = 0,
@@ -36,8 +41,9 @@ def verify(condition: str, *, data: str, model: str, n: int | None = None, seed:
     if batchnorm not in BATCHNORM_CHOICES:
         raise UserInputError(f"batchnorm must be one of {', '.join(BATCHNORM_CHOICES)}, got "
                              f"{batchnorm!r}")
+    distributed = _on_ranks(device)
     if checkpoint is not None:
-        return _verify_checkpoint(condition, checkpoint, device, precision)
+        return _verify_checkpoint(condition, checkpoint, device, precision, distributed)
     options = dict(recompute_batchnorm=batchnorm == "recompute", precision=precision)
     dataset = load_dataset(data, n=n, seed=seed, data_root=data_root, loss=loss)
     target_dim = dataset.y_train.shape[1] if dataset.y_train.is_floating_point() else None
@@ -53,7 +59,7 @@ def verify(condition: str, *, data: str, model: str, n: int | None = None, seed:
             modified = ee_model(base, dataset.n)
             conditions.he_initialise(modified.trunk, seed)
             return conditions.safe_exploration(modified.to(device), x, q="random", seed=seed,
-                                               **options)
+                                               distributed=distributed, **options)
     if condition == "alignment":
         return conditions.alignment(base.to(device), x, dataset.y_train.to(device), loss=loss_fn)
     raise UserInputError(f"unknown condition '{condition}'; expected expressivity, "
@@ -63,7 +69,8 @@ def verify(condition: str, *, data: str, model: str, n: int | None = None, seed:
 BATCHNORM_CHOICES = ("recompute", "model")
 
 
-def _verify_checkpoint(condition: str, path: str, device: str, precision: str):
+def _verify_checkpoint(condition: str, path: str, device: str, precision: str,
+                       distributed: bool = False):
     """Rebuild the run of a checkpoint, load its state and check ``condition`` on it."""
     state = load_checkpoint(path)
     config = TrainConfig.from_dict({**state["config"], "device": device})
@@ -82,4 +89,10 @@ def _verify_checkpoint(condition: str, path: str, device: str, precision: str):
         raise UserInputError(f"safe-exploration is the condition of ee runs; {path} is a "
                              f"'{config.method}' run")
     return conditions.safe_exploration(model, run.x, recompute_batchnorm=False,
-                                       precision=precision)
+                                       precision=precision, distributed=distributed)
+
+
+def _on_ranks(device: str) -> bool:
+    """Whether ``torchrun`` started this process among others (it then joins their process
+    group): safe exploration's Gram certificate is split over the ranks."""
+    return init_distributed("cuda" if device.startswith("cuda") else "cpu").distributed
