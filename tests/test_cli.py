@@ -57,7 +57,8 @@ def test_python_dash_m_train_writes_every_output_of_a_run(tmp_path):
     assert done.stdout.startswith("ee mlp on sine: train loss ")
     assert done.stdout.rstrip().endswith(f"after 8 steps -> {out}")
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [CHECKPOINT_NAME, "metrics.csv", "summary.json", "training.png", "q_t.png"])
+        [CHECKPOINT_NAME, "metrics.csv", "summary.json", "training.png", "q_t.png",
+         "certificate.png"])
 
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert list(rows[0]) == METRICS_COLUMNS
@@ -81,7 +82,8 @@ def test_python_dash_m_train_writes_every_output_of_a_run(tmp_path):
 
     state = load_checkpoint(out / CHECKPOINT_NAME)
     assert state["step"] == 8 and state["wrapper"]["phase"] == 2
-    for png in ("training.png", "q_t.png"):
+    assert certificate["condition"]["spectrum"]["values"]      # what certificate.png draws
+    for png in ("training.png", "q_t.png", "certificate.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     assert not list(out.glob(".*"))           # no temporary file left
 

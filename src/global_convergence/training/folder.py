@@ -16,7 +16,7 @@ from ..errors import UserInputError
 from .config import TrainConfig
 from .state import CHECKPOINT_NAME, check_same_options
 
-OUTPUT_FILES = ("metrics.csv", "summary.json", "training.png", "q_t.png")
+OUTPUT_FILES = ("metrics.csv", "summary.json", "training.png", "q_t.png", "certificate.png")
 """What a finished run writes besides the checkpoint; a fresh run removes a previous run's copies
 first, so that a folder never mixes a new checkpoint with an old summary."""
 

@@ -223,7 +223,8 @@ def write_outputs(run: Run, out: Path, summary: dict[str, Any]) -> None:
     write_metrics(out / "metrics.csv", run.state.rows)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     plot_run(out, run.state.rows, run.schedule.tau,
-             f"{run.config.method} · {run.config.model} · {run.dataset.name} (n={run.dataset.n})")
+             f"{run.config.method} · {run.config.model} · {run.dataset.name} (n={run.dataset.n})",
+             certificate=run.state.certificate)
 
 
 def _json_default(value: Any) -> Any:

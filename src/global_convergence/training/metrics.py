@@ -27,9 +27,12 @@ def write_metrics(path: str | Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, metrics_csv(rows))
 
 
-def plot_run(out: Path, rows: list[dict[str, Any]], switch_step: int | None, title: str) -> list[str]:
+def plot_run(out: Path, rows: list[dict[str, Any]], switch_step: int | None, title: str,
+             certificate: dict[str, Any] | None = None) -> list[str]:
     """``training.png``: training loss and error over steps (switch marked); ``q_t.png`` when
-    alignment was tracked. Returns the file names written."""
+    alignment was tracked; ``certificate.png`` when the switch's certificate carries the spectrum
+    it decided (:func:`~global_convergence.conditions.plot.plot_spectrum`: how far from the
+    tolerance its verdict stands). Returns the file names written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -63,4 +66,9 @@ def plot_run(out: Path, rows: list[dict[str, Any]], switch_step: int | None, tit
         fig.savefig(out / "q_t.png", dpi=110)
         plt.close(fig)
         written.append("q_t.png")
+    condition = (certificate or {}).get("condition") or {}
+    if (condition.get("spectrum") or {}).get("values"):
+        from ..conditions.plot import plot_spectrum
+        plot_spectrum(condition, out / "certificate.png")
+        written.append("certificate.png")
     return written
