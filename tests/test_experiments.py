@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,10 @@ def test_neco_fig2_smoke_ee_lbfgs_beats_plain_gd(smoke):
     assert 0 <= curvature["gram"]["min"] <= curvature["gram"]["max"]
     assert curvature["hessian_T"]["max"] <= curvature["gram"]["max"] / 4 * (1 + 1e-9)   # ℓ'' ≤ 1/4
     assert "Curvature of the exploitation problem" in report(out)
+    gram = curvature["gram"]          # the report states the span it measured
+    span = f"spans {math.log10(gram['max'] / gram['min']):.1f} orders" if gram["min"] > 0 else \
+        "smallest computed eigenvalue is not positive"
+    assert span in report(out)
     assert (out / "fig2.png").is_file() and (out / "fig3.png").is_file()
 
 
