@@ -252,3 +252,29 @@ def test_a_phase_2_without_the_engine_drops_the_coefficients_a_checkpoint_held()
     optimizer.state[STATE_KEY] = {"coef": torch.zeros(3)}
     assert run.phase == 2 and kernel_steps_for(run) is None
     assert STATE_KEY not in optimizer.state
+
+
+def test_manual_phase_2_steps_reach_the_model_at_sync_model():
+    """``loop.train_step`` with the engine leaves the parameters as they were until
+    ``sync_model``; then they are the autograd run's (feature cache off)."""
+    from global_convergence.training import loop
+    from global_convergence.training.switch import on_switch
+
+    runs = []
+    for cache in ("memory", "off"):
+        run = loop.build_run(run_config(feature_cache=cache, steps=60))
+        loop.attach_train_module(run)
+        for _ in range(run.wrapper.tau):
+            loop.train_step(run)
+            run.step += 1
+        on_switch(run, None)
+        weight = run.model.head.weight.detach().clone()
+        for _ in range(15):
+            loop.train_step(run)
+            run.step += 1
+        runs.append((run, torch.equal(run.model.head.weight, weight)))
+    (fast, unchanged), (slow, moved_equal) = runs
+    assert fast.kernel is not None and slow.kernel is None
+    assert unchanged and not moved_equal
+    loop.sync_model(fast)
+    torch.testing.assert_close(fast.model.head.weight, slow.model.head.weight, rtol=1e-4, atol=1e-6)
