@@ -246,7 +246,8 @@ def exploitation_curvature(ctx: Context, run: SubRun, s: Fig2Settings) -> dict[s
         return {"seed": run.label["seed"], "gram": _quantiles(gram), "hessian_T": _quantiles(hessian),
                 "stable_step_at_T": float(2 / hessian[-1]), "lr": s.lr, "exploit_steps": exploit,
                 "out_of_reach": int(np.sum(s.lr * hessian * exploit < 1))}
-    return cached_result(ctx, f"curvature-s{run.label['seed']}-T{run.summary['steps']}", compute)
+    return cached_result(ctx, f"curvature-s{run.label['seed']}-T{run.summary['steps']}", compute,
+                         of_run=run.job.config)
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
