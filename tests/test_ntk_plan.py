@@ -71,3 +71,15 @@ def test_in_place_operation_on_a_layer_output_is_exact():
     model, x = InPlaceAfterLayer(), torch.randn(10, 3)
     ref = empirical_ntk(model, x, method="jacobian", dtype=torch.float64)
     assert rel(empirical_ntk(model, x, method="structured"), ref) < TOL32
+
+
+def test_a_module_swapped_in_place_is_replanned_and_exact():
+    torch.manual_seed(0)
+    model, x = Switchable(), torch.randn(9, 3)
+    empirical_ntk(model, x)
+    first = ntk_plan._PLANS[model][1]
+    model.b = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))    # another structure
+    ntk = empirical_ntk(model, x)
+    assert ntk_plan._PLANS[model][1] is not first
+    assert {lp.path for lp in ntk_plan._PLANS[model][1].layers} == {"a", "b.0", "b.2"}
+    assert rel(ntk, empirical_ntk(model, x, method="jacobian", dtype=torch.float64)) < TOL32
