@@ -1,6 +1,8 @@
 """The EE wrapper of [K22] §3.2 in a plain PyTorch loop on two moons: a cosine learning-rate
-schedule across the switch, the certificate of [K22] Theorem 5 on the state right after it, and
-the exploitation phase at the certificate's step ``1/L̂`` (``exploit_lr="auto"``).
+schedule in exploration, the certificate of [K22] Theorem 5 on the state right after the switch,
+and the exploitation phase at the certificate's constant step ``1/L̂`` (``exploit_lr="auto"``).
+The schedule stops at the switch: Theorem 5's bound is for gradient descent at that step, and a
+schedule built on the wrapper would otherwise keep changing it (the certificate cannot see that).
 
     python examples/plain_loop.py [--n 100] [--steps 1000] [--tau 600]
 
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
             loss = nn.functional.binary_cross_entropy_with_logits(model(x)[:, 0], y)   # "ce"
             loss.backward()
             wrapper.step()
-            schedule.step()
+            if wrapper.phase == 1:      # phase 2 keeps the certificate's step 1/L̂
+                schedule.step()
             if step + 1 == wrapper.switch_step:             # phase 2 starts: certify it
                 cert = wrapper.certify(x, "ce", full_batch=True)
                 bound = cert["bound"]["formula"] if cert["bound"] else "withheld"

@@ -41,6 +41,7 @@ def test_the_plain_loop_certifies_the_switch_and_trains_at_one_over_l():
     assert summary["bound_withheld_because"] == []          # full-batch GD at 1/L̂
     assert summary["final_loss"] < summary["loss_at_switch"]
     assert 0 < summary["step_max"] < float("inf")
+    assert summary["final_lr"] == summary["step_max"]       # the step the bound is for, to the end
 
 
 def test_the_lightning_example_keeps_the_frozen_part_bit_identical():

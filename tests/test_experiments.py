@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from global_convergence.errors import UserInputError
 from global_convergence.experiments import EXPERIMENTS, reproduce
 from global_convergence.experiments import standins
 from global_convergence.experiments.report import beside_paper
-from global_convergence.experiments.subruns import Context, completed_summary
+from global_convergence.experiments.subruns import Context, cached_result, completed_summary
 from global_convergence.training import TrainConfig
 
 EXPERIMENT_IDS = {"neco-fig1a", "neco-fig1bc", "neco-table1", "neco-fig2", "neco-table2",
@@ -125,6 +126,22 @@ def test_binary_labels_file_has_the_documented_labels(tmp_path):
         assert set(np.unique(f["y_test"])) == {0, 1}
 
 
+def test_a_cached_result_of_a_run_is_reused_only_for_that_runs_options(tmp_path):
+    ctx = Context("neco-fig2", "smoke", tmp_path, progress=False)
+    calls = []
+
+    def compute(value):
+        return lambda: calls.append(value) or {"value": value}
+
+    run = TrainConfig(data="sine", model="mlp", method="ee", steps=20, tau=10)
+    assert cached_result(ctx, "k", compute(1), of_run=run)["value"] == 1
+    moved = dataclasses.replace(run, checkpoint_every=5)         # does not alter the numbers
+    assert cached_result(ctx, "k", compute(2), of_run=moved)["value"] == 1
+    other = dataclasses.replace(run, lr=0.3)
+    assert cached_result(ctx, "k", compute(3), of_run=other)["value"] == 3
+    assert calls == [1, 3]
+
+
 def test_beside_paper_puts_a_stand_in_in_the_row_it_replaces():
     paper = {"mnist": [(0.40, 0.05)], "semeion": [(2.59, 0.57)]}
     rows = beside_paper(paper, {"digits": ["3.10"], "random": ["50.00"]})
@@ -200,6 +217,10 @@ def test_neco_fig2_smoke_ee_lbfgs_beats_plain_gd(smoke):
     assert 0 <= curvature["gram"]["min"] <= curvature["gram"]["max"]
     assert curvature["hessian_T"]["max"] <= curvature["gram"]["max"] / 4 * (1 + 1e-9)   # ℓ'' ≤ 1/4
     assert "Curvature of the exploitation problem" in report(out)
+    gram = curvature["gram"]          # the report states the span it measured
+    span = f"spans {math.log10(gram['max'] / gram['min']):.1f} orders" if gram["min"] > 0 else \
+        "smallest computed eigenvalue is not positive"
+    assert span in report(out)
     assert (out / "fig2.png").is_file() and (out / "fig3.png").is_file()
 
 

@@ -212,3 +212,69 @@ def test_a_run_resumed_in_phase_2_matches_the_uninterrupted_one_bit_for_bit(tmp_
     a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_adopts_a_loaded_state_as_its_own_copy():
+    """``Optimizer.load_state_dict`` keeps the engine's entry as given; the engine copies it, so
+    the state dict it came from is not changed by later steps, and both continue alike."""
+    head, features = ee_head()
+    twin = copy.deepcopy(head)
+    y, loss = targets("ce", 1), make_loss("ce", 2)
+    index_list = batches(16, 60)
+    opt = torch.optim.SGD(trained(head), **SGD_SETTINGS["all"])
+    engine = build_kernel_steps(opt, head, features, y, loss)
+    for index in index_list[:20]:
+        engine.step(index)
+    saved = copy.deepcopy(opt.state_dict())
+    kept = copy.deepcopy(saved)
+    opt_twin = torch.optim.SGD(trained(twin), **SGD_SETTINGS["all"])
+    opt_twin.load_state_dict(saved)
+    resumed = build_kernel_steps(opt_twin, twin, features, y, loss)
+    first = [engine.step(index) for index in index_list[20:]]
+    second = [resumed.step(index) for index in index_list[20:]]
+    assert first == second
+    assert not torch.equal(resumed.state["coef"], kept["state"][STATE_KEY]["coef"])   # it moved
+    torch.testing.assert_close(saved["state"][STATE_KEY]["coef"], kept["state"][STATE_KEY]["coef"],
+                               rtol=0, atol=0)
+    assert saved["state"][STATE_KEY]["scale"] == kept["state"][STATE_KEY]["scale"]
+
+
+def test_a_phase_2_without_the_engine_drops_the_coefficients_a_checkpoint_held():
+    """Where the autograd step runs (here: no feature cache), saved coefficients would be stale
+    for a later resume that uses the engine again: they are dropped."""
+    from global_convergence.training.build import build_run
+    from global_convergence.training.kernel_steps import kernel_steps_for
+
+    run = build_run(run_config(feature_cache="off"))
+    run.wrapper.step_count = run.wrapper.tau - 1
+    run.wrapper.step()                               # the switching step, on zero gradients
+    optimizer = run.wrapper.active_optimizer
+    optimizer.state[STATE_KEY] = {"coef": torch.zeros(3)}
+    assert run.phase == 2 and kernel_steps_for(run) is None
+    assert STATE_KEY not in optimizer.state
+
+
+def test_manual_phase_2_steps_reach_the_model_at_sync_model():
+    """``loop.train_step`` with the engine leaves the parameters as they were until
+    ``sync_model``; then they are the autograd run's (feature cache off)."""
+    from global_convergence.training import loop
+    from global_convergence.training.switch import on_switch
+
+    runs = []
+    for cache in ("memory", "off"):
+        run = loop.build_run(run_config(feature_cache=cache, steps=60))
+        loop.attach_train_module(run)
+        for _ in range(run.wrapper.tau):
+            loop.train_step(run)
+            run.step += 1
+        on_switch(run, None)
+        weight = run.model.head.weight.detach().clone()
+        for _ in range(15):
+            loop.train_step(run)
+            run.step += 1
+        runs.append((run, torch.equal(run.model.head.weight, weight)))
+    (fast, unchanged), (slow, moved_equal) = runs
+    assert fast.kernel is not None and slow.kernel is None
+    assert unchanged and not moved_equal
+    loop.sync_model(fast)
+    torch.testing.assert_close(fast.model.head.weight, slow.model.head.weight, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,8 @@
 """The structured NTK's plan (ntk/plan.py): reused per model, replanned when the structure
 changes; exact under in-place operations on planned layers' outputs."""
+import types
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,3 +74,44 @@ def test_in_place_operation_on_a_layer_output_is_exact():
     model, x = InPlaceAfterLayer(), torch.randn(10, 3)
     ref = empirical_ntk(model, x, method="jacobian", dtype=torch.float64)
     assert rel(empirical_ntk(model, x, method="structured"), ref) < TOL32
+
+
+def test_a_module_swapped_in_place_is_replanned_and_exact():
+    torch.manual_seed(0)
+    model, x = Switchable(), torch.randn(9, 3)
+    empirical_ntk(model, x)
+    first = ntk_plan._PLANS[model][1]
+    model.b = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))    # another structure
+    ntk = empirical_ntk(model, x)
+    assert ntk_plan._PLANS[model][1] is not first
+    assert {lp.path for lp in ntk_plan._PLANS[model][1].layers} == {"a", "b.0", "b.2"}
+    assert rel(ntk, empirical_ntk(model, x, method="jacobian", dtype=torch.float64)) < TOL32
+
+
+def _hooked_mlp(case: str) -> nn.Module:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    if case == "forward hook":            # changes the layer's output after it ran
+        model[0].register_forward_hook(lambda mod, inputs, out: 3.0 * out + 1.0)
+    elif case == "instance forward":      # the instance's map is not nn.Linear's
+        model[0].forward = types.MethodType(
+            lambda self, x: F.linear(x, 2.0 * self.weight, self.bias), model[0])
+    return model
+
+
+@pytest.mark.parametrize("case", ["forward hook", "instance forward", "global forward hook"])
+def test_hooks_and_instance_overrides_that_change_a_layer_keep_the_ntk_exact(case):
+    torch.manual_seed(0)
+    model, x = _hooked_mlp(case), torch.randn(7, 3)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda mod, inputs, out: 3.0 * out if isinstance(mod, nn.Linear) and mod.in_features == 3
+        else None) \
+        if case == "global forward hook" else None
+    try:
+        ref = empirical_ntk(model, x, method="jacobian", dtype=torch.float64)
+        assert rel(empirical_ntk(model, x, method="structured"), ref) < TOL32
+    finally:
+        if handle is not None:
+            handle.remove()
+    if case == "global forward hook":     # the hook is gone: the plan is structured again
+        empirical_ntk(model, x)
+        assert ntk_plan._PLANS[model][1].fallback == []

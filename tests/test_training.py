@@ -25,18 +25,7 @@ FIGURES = ("train_loss", "train_error", "test_error", "q_t", "alignment_checks",
            "switch_step", "completed")
 
 
-@pytest.fixture(autouse=True)
-def _no_plots(monkeypatch):
-    monkeypatch.setattr(loop, "plot_run", lambda *args, **kwargs: [])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: bit-identical runs, and no OpenMP spinning on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("quiet_one_thread")      # no plots, one thread (conftest.py)
 
 
 def tiny(**overrides) -> TrainConfig:

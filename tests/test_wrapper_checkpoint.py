@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from global_convergence import EEWrapper, TwoPhase, ee_model, two_phase_model
+from global_convergence.errors import UserInputError
 from global_convergence.models import MLP
 
 N, TAU, T = 24, 5, 11
@@ -76,3 +77,18 @@ def test_a_run_restored_at_step_k_continues_with_the_same_losses_and_learning_ra
         assert torch.equal(a, b)
     if method == "ee":
         assert torch.equal(model2.head.gates, model.head.gates) and not model2.head.are_gates_tied
+
+
+@pytest.mark.parametrize("method", ["ee", "two-phase"])
+def test_a_phase_1_state_is_refused_by_a_wrapper_that_has_switched(method):
+    """Going back would leave the trunk frozen and (EE) the exploitation optimizer active."""
+    model, wrapper, scheduler = _fresh(method, "cosine", None, init_seed=0)
+    _steps(model, wrapper, scheduler, 0, 2)
+    early = wrapper.state_dict()
+    _steps(model, wrapper, scheduler, 2, TAU + 1)
+    active = wrapper.active_optimizer
+    with pytest.raises(UserInputError, match="phase 1"):
+        wrapper.load_state_dict(early)
+    assert wrapper.phase == 2 and wrapper.active_optimizer is active
+    if method == "ee":
+        assert not model.head.are_gates_tied

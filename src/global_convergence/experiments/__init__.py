@@ -4,7 +4,8 @@ Each experiment is one module with a settings dataclass, ``PRESETS`` (``smoke``:
 for tests; ``cpu``: scaled down to minutes on 2 cores, offline stand-ins for missing data; ``paper``:
 the papers' settings, for a GPU) and ``run(ctx, settings) -> Path`` of its ``report.md``. All are
 built from the library's own training loop, wrappers, condition verifiers and NTK code
-(:mod:`.common` holds the shared helpers). Also here: ``demo`` (``gconv demo``) and ``verify``
+(the shared helpers: :mod:`.subruns`, :mod:`.standins`, :mod:`.report`,
+:mod:`.figures`, :mod:`.recipes`, :mod:`.ntk_tracking`). Also here: ``demo`` (``gconv demo``) and ``verify``
 (``gconv verify``).
 
 On a CPU shared with other work, ``OMP_NUM_THREADS=1`` avoids the thread oversubscription that can

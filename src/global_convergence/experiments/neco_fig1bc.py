@@ -3,7 +3,7 @@
 LeNet-5 with ``8·m_c`` filters and ``128·m_c`` hidden units, ``m_c ∈ {1, 2, 4}``, two seeds,
 binary labels y ∈ {0, 1}. On Semeion every size reaches zero training error with ``Q_T = 0``; on
 random data the nets reach zero error exactly when ``Q_T`` stops growing. Semeion's labels are
-made binary by :data:`~.common.BINARY_RULE` (the paper does not say how); the ``cpu`` and
+made binary by :data:`~.standins.BINARY_RULE` (the paper does not say how); the ``cpu`` and
 ``smoke`` presets replace Semeion by the offline digits stand-in.
 """
 from __future__ import annotations

@@ -193,18 +193,25 @@ def run_jobs(ctx: Context, jobs: Sequence[Job], known: Sequence[SubRun] = ()) ->
     return done
 
 
-def cached_result(ctx: Context, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def cached_result(ctx: Context, key: str, compute: Callable[[], dict[str, Any]], *,
+                  of_run: TrainConfig | None = None) -> dict[str, Any]:
     """A JSON result (e.g. a condition's verdict) computed once into ``OUT/runs/<key>/result.json``
-    and reused afterwards (the same resumability as training sub-runs)."""
+    and reused afterwards (the same resumability as training sub-runs). ``of_run``: the
+    configuration of the sub-run the result is computed from; a result saved for another one
+    (its options that alter numbers differ) is computed again."""
     path = ctx.out / RUNS_DIR / key / "result.json"
+    run = None if of_run is None else result_options(of_run)
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("completed"):
+        same = run is None or ("of_run" in saved and _comparable(saved["of_run"]) == run)
+        if saved.get("completed") and same:
             ctx.say(f"{key}: reused (completed earlier)")
             return saved
     ctx.say(f"{key}: computing")
     started = time.perf_counter()
     result = {**compute(), "completed": True, "wall_seconds": time.perf_counter() - started}
+    if of_run is not None:
+        result["of_run"] = of_run.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=2, default=json_default))
     ctx.say(f"{key}: done in {result['wall_seconds']:.0f} s")

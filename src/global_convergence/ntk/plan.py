@@ -8,11 +8,14 @@ types, shared modules, tied weights) falls back to per-sample ``torch.func`` Jac
 
 The plan is cached per model object (alignment tracking and NTK callbacks call the NTK every K
 steps on the same architecture). The cache key is the model's structure: every module's name,
-identity, type, train/eval mode and plain attributes (numbers, strings, flags: e.g. a switch that
-changes the forward pass), every parameter's name, identity, shape, dtype and ``requires_grad``,
-and the input's per-sample shape, dtype and device. Any change gives a new plan; a forward pass
-that runs a planned layer a different number of times is caught at every call
-(``StructureChanged``). :func:`forget_plans` empties the cache.
+identity, type, train/eval mode, plain attributes (numbers, strings, flags: e.g. a switch that
+changes the forward pass) and instance-level ``forward`` overrides, every parameter's name,
+identity, shape, dtype and ``requires_grad``, whether global forward hooks exist
+(``register_module_forward_hook``: they run before a layer's own hooks and may change its output,
+so every parameter falls back while one is registered), and the input's per-sample shape, dtype
+and device. Any change gives a new plan; a forward pass that runs a planned layer a different
+number of times is caught at every call (``StructureChanged``). :func:`forget_plans` empties the
+cache.
 """
 from __future__ import annotations
 
@@ -39,6 +42,16 @@ PASS_COST: float = 48.0
 """Cost, in multiply-adds per pair of samples, of the elementwise passes a *gram* layer adds over
 the ``n × n`` NTK (its two Grams are written, multiplied and accumulated); a *grad* layer's rows
 join the single product of all gradient rows instead."""
+
+
+INSTANCE_OVERRIDES = ("forward", "_conv_forward")
+"""Methods a module instance may replace (``module.forward = ...``): the layer is then not the map
+its class computes."""
+
+
+def global_forward_hooks() -> bool:
+    """Whether a global forward hook is registered (it sees a layer's output before the capture)."""
+    return bool(getattr(nn.modules.module, "_global_forward_hooks", None))
 
 
 @dataclass
@@ -77,9 +90,12 @@ def layer_kind(module: nn.Module) -> str | None:
     """"linear" / "conv2d" / "batchnorm" for the layers the structured method understands.
 
     Batch norm counts only in eval mode with running statistics (a per-sample affine map
-    ``y = γ ⊙ x̂ + β``, ``x̂ = (x − μ)/sqrt(σ² + ε)`` with fixed μ, σ²). Subclasses that override
-    ``forward`` (or the convolution itself) and grouped convolutions are not understood: None.
+    ``y = γ ⊙ x̂ + β``, ``x̂ = (x − μ)/sqrt(σ² + ε)`` with fixed μ, σ²). Subclasses or instances
+    that override ``forward`` (or the convolution itself) and grouped convolutions are not
+    understood: None.
     """
+    if any(name in vars(module) for name in INSTANCE_OVERRIDES) or global_forward_hooks():
+        return None
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
     if (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
@@ -190,11 +206,12 @@ def _plain_attributes(mod: nn.Module) -> tuple:
 
 def structure_key(model: nn.Module, x: Tensor) -> tuple:
     """What a plan depends on (module docstring); equal keys give equal plans."""
-    modules = tuple((path, id(mod), type(mod), _plain_attributes(mod))
+    modules = tuple((path, id(mod), type(mod), _plain_attributes(mod),
+                     tuple(name for name in INSTANCE_OVERRIDES if name in vars(mod)))
                     for path, mod in model.named_modules())
     params = tuple((name, id(p), tuple(p.shape), p.dtype, p.requires_grad)
                    for name, p in model.named_parameters())
-    return modules, params, tuple(x.shape[1:]), x.dtype, x.device, STRATEGY
+    return modules, params, global_forward_hooks(), tuple(x.shape[1:]), x.dtype, x.device, STRATEGY
 
 
 def cached_plan(model: nn.Module, x: Tensor) -> StructuredPlan:

@@ -113,7 +113,8 @@ def _hooked_forward(model: nn.Module, modules: list[nn.Module], x: Tensor,
         records[mod].append((inputs[0].detach(), output, output._version))
         return output.clone() if clone else None
 
-    handles = [mod.register_forward_hook(hook) for mod in modules]
+    # first of the module's forward hooks: the layer's own output, before a user's hook changes it
+    handles = [mod.register_forward_hook(hook, prepend=True) for mod in modules]
     try:
         with torch.enable_grad():
             out = output_matrix(model(x), c)

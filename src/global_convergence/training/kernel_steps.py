@@ -33,8 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,7 +41,7 @@ from ..losses import Loss
 from ..models import GatedHead
 
 if TYPE_CHECKING:
-    from .loop import Run
+    from .build import Run
 
 STATE_KEY = "kernel_steps"
 """Key of the engine's coefficients in ``optimizer.state`` (beside the per-parameter entries)."""
@@ -162,6 +160,20 @@ def _loss_and_gradient(loss: Loss, out: torch.Tensor, t: torch.Tensor) -> tuple[
 
 
 # -- the engine -----------------------------------------------------------------------------------
+def _own_copy(saved: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The coefficients of a loaded optimizer state as the engine's own tensors on ``device``:
+    ``Optimizer.load_state_dict`` keeps a non-parameter entry as given (the caller's objects, on
+    the device it was loaded to, e.g. the CPU of ``torch.load(map_location="cpu")``), and the
+    engine updates its tensors in place."""
+    def own(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device=device, dtype=DTYPE, copy=True)
+        if isinstance(value, list):
+            return [own(v) for v in value]
+        return value
+    return {key: own(value) for key, value in saved.items()}
+
+
 class KernelSteps:
     """``torch.optim.SGD`` on a linear second phase, in coefficient space (see the module text).
 
@@ -178,8 +190,9 @@ class KernelSteps:
         self.kernel = feature_map.kernel()
         self.kernel_2d = self.kernel[0]
         self.group = optimizer.param_groups[0]
-        if STATE_KEY not in optimizer.state:
-            optimizer.state[STATE_KEY] = self._fresh_state()
+        saved = optimizer.state.get(STATE_KEY)
+        optimizer.state[STATE_KEY] = self._fresh_state() if saved is None else \
+            _own_copy(saved, feature_map.right.device)
         self.state: dict[str, Any] = optimizer.state[STATE_KEY]
         self._anchor_outputs()
         self.n = feature_map.n
@@ -323,13 +336,20 @@ def build_kernel_steps(optimizer: torch.optim.Optimizer, head: nn.Module, featur
 
 def kernel_steps_for(run: "Run", *, max_kernel_bytes: int = MAX_KERNEL_BYTES) -> KernelSteps | None:
     """The engine of a run's second phase where it is exact: a wrapper in phase 2 with a feature
-    cache (no augmentation), one process, no autocast; else None (the autograd step)."""
+    cache (no augmentation), one process, no autocast; else None (the autograd step), and the
+    coefficients a checkpoint may hold are dropped: the autograd steps leave them stale, and a
+    later resume would start from them."""
+    engine = _run_engine(run, max_kernel_bytes)
+    if engine is None and run.wrapper is not None:
+        run.wrapper.active_optimizer.state.pop(STATE_KEY, None)
+    return engine
+
+
+def _run_engine(run: "Run", max_kernel_bytes: int) -> KernelSteps | None:
     if run.wrapper is None or run.phase != 2 or run.cache is None or run.ctx.distributed:
         return None
     if run.config.amp and run.ctx.device.type == "cuda":
         return None
-    train = run.cache.train
-    features = train if isinstance(train, torch.Tensor) else torch.from_numpy(np.asarray(train))
     return build_kernel_steps(run.wrapper.active_optimizer, run.split.head,
-                              features.to(run.ctx.device), run.y, run.loss,
+                              run.cache.train_tensor().to(run.ctx.device), run.y, run.loss,
                               max_kernel_bytes=max_kernel_bytes)

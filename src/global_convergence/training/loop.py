@@ -32,7 +32,7 @@ from .evaluation import evaluate, predict
 from .feature_cache import build_feature_cache, close_cache
 from .folder import OUTPUT_FILES, check_out, has_checkpoint
 from .metrics import plot_run, write_metrics
-from .phase2 import enter_phase2, phase2_evaluate, phase2_step
+from .phase2 import enter_phase2, phase2_evaluate, phase2_step, sync_model
 from .state import (CHECKPOINT_NAME, checkpoint_state, last_good, restore, result_options,
                     write_checkpoint)
 from .steps import attach_train_module, closure_step
@@ -40,7 +40,7 @@ from .switch import make_certificate, on_switch, track_alignment
 
 __all__ = ["CHECKPOINT_NAME", "Callback", "LogEvent", "Run", "attach_train_module", "build_feature_cache",
            "build_run", "checkpoint_state", "enter_phase2", "evaluate", "make_certificate",
-           "predict", "result_options", "train", "train_step"]
+           "predict", "result_options", "sync_model", "train", "train_step"]
 
 
 @dataclass
@@ -110,7 +110,9 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
 
 def train_step(run: Run) -> float:
     """One step of the run's current phase (phase 2: :func:`.phase2.phase2_step`); returns the
-    global-batch mean loss. The caller advances ``run.step``."""
+    global-batch mean loss. The caller advances ``run.step``. With the coefficient-space engine
+    (:mod:`.kernel_steps`) a phase-2 step leaves the model's parameters as they were: call
+    :func:`sync_model` before reading them (the loop does before evaluating and checkpointing)."""
     return phase2_step(run) if run.phase == 2 else closure_step(run)
 
 

@@ -286,6 +286,11 @@ class PhaseWrapper(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             state_dict = state_dict if result is None else result
+        if self.phase == 2 and state_dict["step_count"] < self.tau:
+            raise UserInputError(f"{type(self).__name__}.load_state_dict: the state is of phase 1 "
+                                 f"(step {state_dict['step_count']}) and this wrapper has switched "
+                                 f"at step {self.tau} (trunk frozen, second-phase optimizer built); "
+                                 "load it into a new model and wrapper")
         self._load_wrapper_state(state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

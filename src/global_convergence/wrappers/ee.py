@@ -18,7 +18,8 @@ G̃ is one of
 * a callable ``params -> Optimizer``; it shares the wrapper's groups when it has as many as the
   base (and is not L-BFGS).
 
-Example (a cosine schedule across the switch, the certificate, the step ``1/L̂``)::
+Example (a cosine schedule in exploration, the certificate, then the constant step ``1/L̂`` its
+bound is for: a schedule built on the wrapper would keep acting on the exploitation's lr)::
 
     model = ee_model(MLP(1, 1), n=len(x))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -28,7 +29,8 @@ Example (a cosine schedule across the switch, the certificate, the step ``1/L̂`
         wrapper.zero_grad()
         loss_fn(model(x), y).backward()
         wrapper.step()
-        schedule.step()
+        if wrapper.phase == 1:
+            schedule.step()
         if step + 1 == wrapper.switch_step:
             print(wrapper.certify(x, "mse", full_batch=True)["bound"])
 """
