@@ -20,10 +20,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import NumericalError, UserInputError
 from ..linalg import Verdict
-from .features import (FEATURE_CHUNK, precise_copy, relative_row_error, sample_index,
+from .features import (FEATURE_CHUNK, relative_row_error, sample_index,
                        trunk_features)
 
 CERTIFICATE_PRECISIONS = ("auto", "float64")
@@ -31,8 +32,6 @@ CERTIFICATE_MODES = ("auto", "full")
 AUTO_BUDGET_FLOPS = 1e12
 """Default cap (flops) on the expensive fallback of ``mode="auto"``: about 10–20 s on two CPU
 cores, the order of a small run's whole training (docs/verifiers.md "Cost")."""
-GEMM_PROBE_ROWS = 512
-"""Rows of the float64 product timed to estimate a check's seconds from its flops."""
 RECOMPUTE_GROUP = 8
 """Chunks of rows recomputed per float64 copy of the trunk in the float64 pass."""
 
@@ -72,9 +71,8 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
     only a *verified* verdict is accepted from them, and they get no factor route. Anything else
     is decided again on float64 features, so ``"auto"`` can save the float64 pass but never turns
     a verdict into *verified* that float64 would not give. The float32 attempt is skipped when
-    it cannot pay: ``check_flops(n, m)`` (the cost of one check on ``n × m`` features, at the
-    measured float64 GEMM rate) above the estimated float64 pass (the sample's time scaled to
-    ``n``), or when ``screen(sample, error, n)`` shows that float32 cannot verify (see
+    it cannot pay: ``check_flops(n, m)`` (the flops of one check on ``n × m`` features) above the
+    float64 pass's flops (counted on the sample, scaled to ``n``), or when ``screen(sample, error, n)`` shows that float32 cannot verify (see
     :data:`Screen`); ``details["float32_attempt"]`` says so. ``mode`` and ``budget_flops`` as in the
     module docstring. The constants (``L_H``, ``L̂``) are then computed on the features the
     verdict used.
@@ -88,14 +86,10 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
         return exact, _name_offline_route(verdict, mode, condition)
     start = time.perf_counter()
     index = sample_index(x.shape[0])
-    sample, sample_seconds = trunk_features(model, x[index.to(x.device)], torch.float64,
-                                            chunk_size)
-    copy_start = time.perf_counter()
-    precise_copy(model.trunk, torch.float64)
-    copies = math.ceil(x.shape[0] / (RECOMPUTE_GROUP * chunk_size))
-    pass_seconds = _pass_seconds(x.shape[0], sample.shape[0], sample_seconds,
-                                 time.perf_counter() - copy_start, copies)
-    worth, estimate = _float32_pays(x.shape[0], sample, pass_seconds, check_flops, features)
+    with FlopCounterMode(display=False) as counter:
+        sample, _ = trunk_features(model, x[index.to(x.device)], torch.float64, chunk_size)
+    pass_flops = counter.get_total_flops() * x.shape[0] / max(sample.shape[0], 1)
+    worth, estimate = _float32_pays(x.shape[0], sample, pass_flops, check_flops, features)
     if worth and screen is not None:
         rows32 = (features[index.to(features.device)] if features is not None else
                   trunk_features(model, x[index.to(x.device)], torch.float32, chunk_size)[0])
@@ -142,40 +136,20 @@ def certified_features(model: nn.Module, x: Tensor, check: Check, features: Tens
     return exact, _name_offline_route(verdict, mode, condition)
 
 
-def gemm_rate(width: int, device: torch.device, rows: int = GEMM_PROBE_ROWS) -> float:
-    """Measured float64 flops per second of a ``rows × width`` by ``width × rows`` product (the
-    Gram's kernel) on ``device``."""
-    a = torch.randn(rows, max(width, 1), dtype=torch.float64, device=device)
-    start = time.perf_counter()
-    product = a @ a.T
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = max(time.perf_counter() - start, 1e-9)
-    del product
-    return 2.0 * rows * rows * max(width, 1) / seconds
-
-
-
-def _pass_seconds(n: int, rows: int, sample_seconds: float, copy_seconds: float,
-                  copies: int) -> float:
-    """The float64 pass over ``n`` rows estimated from one over ``rows``: the per-row time
-    (the sample's, less its copy of the trunk) times n, plus one copy per group of rows."""
-    per_row = max(sample_seconds - copy_seconds, 0.0) / max(rows, 1)
-    return per_row * n + copy_seconds * copies
-
-
-def _float32_pays(n: int, sample: Tensor, pass_seconds: float,
+def _float32_pays(n: int, sample: Tensor, pass_flops: float,
                   check_flops: Callable[[int, int], float] | None,
                   features: Tensor | None) -> tuple[bool, dict[str, float]]:
-    """Whether the float32 attempt can save more than it risks: the float64 pass it would save
-    (``pass_seconds``, :func:`_pass_seconds`) against one check's estimated seconds."""
+    """Whether the float32 attempt can save more than it risks: the float64 trunk pass over the
+    ``n`` inputs it would save (``pass_flops``: the sample's pass counted by
+    ``torch.utils.flop_counter``, scaled to ``n``) against one check's flops. Counted, not timed,
+    so that the same run always takes the same route (a resumed run's certificate is the
+    uninterrupted run's)."""
     if check_flops is None or sample.shape[0] == 0:
         return True, {}
-    check_seconds = check_flops(n, sample.shape[1]) / gemm_rate(sample.shape[1], sample.device)
-    estimate = {"float64_pass_seconds_estimate": pass_seconds,
-                "check_seconds_estimate": check_seconds,
+    check = check_flops(n, sample.shape[1])
+    estimate = {"float64_pass_flops": pass_flops, "check_flops": check,
                 "features_given": features is not None}
-    return pass_seconds > check_seconds, estimate
+    return pass_flops > check, estimate
 
 
 def _name_offline_route(verdict: Verdict, mode: str, condition: str) -> Verdict:
