@@ -22,3 +22,17 @@ def quiet_one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def reference_jacobian(model, x: torch.Tensor) -> torch.Tensor:
+    """J in vec row order (row j·n + i), by torch.func — independent of the ntk package."""
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p, xi):
+        return functional_call(model, p, (xi[None],)).reshape(-1)
+
+    jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)            # name → (n, m, *shape)
+    rows = torch.cat([j.flatten(2) for j in jac.values()], dim=2)   # (n, m, d)
+    return rows.transpose(0, 1).reshape(-1, rows.shape[2])

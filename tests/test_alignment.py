@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+
+from conftest import reference_jacobian
 
 from global_convergence.conditions import (NOT_VERIFIED, VERIFIED, alignment, alignment_of_gram,
                                            alignment_of_jacobian)
@@ -22,16 +23,6 @@ F64 = torch.float64
 alignment_module = importlib.import_module("global_convergence.conditions.alignment")
 
 
-def reference_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """J in row order j·n + i by torch.func — independent of the ntk package."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def f(p, xi):
-        return functional_call(model, p, (xi[None],)).reshape(-1)
-
-    jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)            # name → (n, m, *shape)
-    rows = torch.cat([j.flatten(2) for j in jac.values()], dim=2)   # (n, m, d)
-    return rows.transpose(0, 1).reshape(-1, rows.shape[2])
 
 
 def numpy_ranks(j: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+
+from conftest import reference_jacobian
 
 from global_convergence.conditions import (NOT_VERIFIED, VERIFIED, ee_certificate, ee_row_bounds,
                                            expressivity, he_initialise, input_distinguishability,
@@ -22,16 +23,6 @@ from global_convergence.models.heads import GatedHead
 F64 = torch.float64
 
 
-def reference_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """J in vec row order (row j·n + i), by torch.func — independent of the ntk package."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def f(p, xi):
-        return functional_call(model, p, (xi[None],)).reshape(-1)
-
-    jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)            # name → (n, m, *shape)
-    rows = torch.cat([j.flatten(2) for j in jac.values()], dim=2)   # (n, m, d)
-    return rows.transpose(0, 1).reshape(-1, rows.shape[2])
 
 
 def with_duplicates(x: torch.Tensor, k: int) -> torch.Tensor:

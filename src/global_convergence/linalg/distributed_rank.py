@@ -32,7 +32,8 @@ from .dense import cut, require_finite
 from .distributed_cholesky import Ranks, distributed_bytes, distributed_shifted_cholesky
 from .factors import RowFactor
 from .rank import (FACTOR_MEMORY_BUDGET, GRAM_MEMORY_FRACTION, _assemble, _factor_values,
-                   available_bytes, factor_rank_verdict, largest_gram_eigenvalue)
+                   available_bytes, factor_rank_verdict, largest_gram_eigenvalue,
+                   record_cholesky_outcome)
 from .tolerance import (CHOLESKY_SAFETY, RANK_BAND, cholesky_rounding_bound, gram_rounding_bound,
                         numpy_tolerance)
 from .verdict import Verdict
@@ -160,21 +161,8 @@ def _certificate(factor: RowFactor, tol: float, band: float, trace: float, budge
         return result
     outcome = distributed_shifted_cholesky(factor, shift, block, ranks.group)
     result["wait_seconds"] = outcome.wait_seconds
-    if not outcome.success:
-        result["failed_at"] = outcome.failed_at
-        details["cholesky_failed_at"] = outcome.failed_at
-        details["notes"].append(
-            f"the Gram matrix is not clearly positive definite (shifted Cholesky broke down at "
-            f"row {outcome.failed_at}; rows before it are certified independent): its smallest "
-            "eigenvalues are within rounding, so the rank is decided from the factor itself")
-        return result
-    lower = math.sqrt(max(shift - delta_gram - delta_chol, 0.0))
-    estimate = math.sqrt(max(outcome.factor.smallest_eigenvalue_estimate(seed=seed), 0.0))
-    details.update(certified_sigma_min_lower_bound=lower, smallest_kept_is=(
-        "estimate of σ_min by inverse iteration (an upper bound); certified lower bound in "
-        "certified_sigma_min_lower_bound"))
-    result.update(certified=True, lower=lower, estimate=estimate)
-    return result
+    return record_cholesky_outcome(outcome, shift - delta_gram - delta_chol, seed, details,
+                                   result)
 
 
 def _values_from_rank0(factor: RowFactor, budget: int, ranks: Ranks):

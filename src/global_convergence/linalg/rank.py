@@ -175,6 +175,15 @@ def _gram_certificate(factor: RowFactor, tol: float, band: float, budget: int | 
         outcome = _dense_cholesky(gram, shift)
     else:
         outcome = shifted_cholesky(factor, shift, block)
+    return record_cholesky_outcome(outcome, shift - delta_gram - delta_chol, seed, details,
+                                   result)
+
+
+def record_cholesky_outcome(outcome, certified_shift: float, seed: int, details: dict[str, Any],
+                            result: dict[str, Any]) -> dict[str, Any]:
+    """Record a shifted Cholesky's outcome in ``details`` and ``result``: where it broke down,
+    or the certified lower bound ``σ_min ≥ √(μ − δ_G − δ_chol)`` (``certified_shift`` is
+    ``μ − δ_G − δ_chol``) with the inverse-iteration estimate of ``σ_min``."""
     if not outcome.success:
         result["failed_at"] = outcome.failed_at
         details["cholesky_failed_at"] = outcome.failed_at
@@ -183,7 +192,7 @@ def _gram_certificate(factor: RowFactor, tol: float, band: float, budget: int | 
             f"row {outcome.failed_at}; rows before it are certified independent): its smallest "
             "eigenvalues are within rounding, so the rank is decided from the factor itself")
         return result
-    lower = math.sqrt(max(shift - delta_gram - delta_chol, 0.0))
+    lower = math.sqrt(max(certified_shift, 0.0))
     estimate = math.sqrt(max(outcome.factor.smallest_eigenvalue_estimate(seed=seed), 0.0))
     details.update(certified_sigma_min_lower_bound=lower, smallest_kept_is=(
         "estimate of σ_min by inverse iteration (an upper bound); certified lower bound in "
