@@ -82,11 +82,11 @@ def decide(target: int, methods: dict[str, int], deciding: float, tol: float,
     return VERIFIED if reaches.pop() else NOT_VERIFIED
 
 
-SPECTRUM_TAIL = 200
+TAIL_VALUES_KEPT = 200
 """Values kept in a verdict's ``spectrum`` for plots: σ_max and the smallest ones up to here."""
 
 
-def spectrum_tail(values: np.ndarray, kind: str, tail: int = SPECTRUM_TAIL) -> dict:
+def spectrum_tail(values: np.ndarray, kind: str, tail: int = TAIL_VALUES_KEPT) -> dict:
     """``{"kind", "index", "values"}``: ``σ_1`` and the last ``tail`` values (1-based indices),
     small enough for a verdict's JSON at any ``n``."""
     values = np.asarray(values, dtype=np.float64)
