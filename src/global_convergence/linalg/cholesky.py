@@ -58,16 +58,24 @@ class CholeskyFactor:
         """``λ_min(Ĝ)`` estimated by inverse iteration: ``shift + 1/‖(Ĝ − shift·I)⁻¹ x‖`` for a
         unit ``x``. Every iterate gives an upper bound on ``λ_min``; it converges to it."""
         first = self.panels[0][1]
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn(self.n, 1, generator=g, dtype=first.dtype).to(first.device)
-        x /= x.norm()
-        estimate = float("inf")
-        for _ in range(max(1, iterations)):
-            y = self.solve(x)
-            norm = float(y.norm())
-            estimate = min(estimate, 1.0 / norm if norm > 0 else float("inf"))
-            x = y / norm
-        return self.shift + estimate
+        return inverse_iteration(self.solve, self.n, self.shift, first.dtype, first.device,
+                                 iterations, seed)
+
+
+def inverse_iteration(solve, n: int, shift: float, dtype: torch.dtype, device: torch.device,
+                      iterations: int = INVERSE_ITERATIONS, seed: int = 0) -> float:
+    """``shift + 1/‖(Ĝ − shift·I)⁻¹ x‖`` iterated from a seeded unit ``x`` (``solve(x)`` applies
+    ``(Ĝ − shift·I)⁻¹``): every iterate is an upper bound on ``λ_min(Ĝ)``, converging to it."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(n, 1, generator=g, dtype=dtype).to(device)
+    x /= x.norm()
+    estimate = float("inf")
+    for _ in range(max(1, iterations)):
+        y = solve(x)
+        norm = float(y.norm())
+        estimate = min(estimate, 1.0 / norm if norm > 0 else float("inf"))
+        x = y / norm
+    return shift + estimate
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .cholesky import INVERSE_ITERATIONS, TRSM_ROW_CHUNK
+from .cholesky import INVERSE_ITERATIONS, TRSM_ROW_CHUNK, inverse_iteration
 from .factors import GRAM_ROW_CHUNK, RowFactor
 
 
@@ -138,16 +138,8 @@ class DistributedCholeskyFactor:
         """``λ_min(Ĝ)`` by inverse iteration, ``shift + 1/‖(Ĝ − shift·I)⁻¹ x‖`` for a unit ``x``
         (an upper bound at every step), with the start vector and steps of
         :meth:`.cholesky.CholeskyFactor.smallest_eigenvalue_estimate`; the same on every rank."""
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn(self.n, 1, generator=g, dtype=self.dtype).to(self.device)
-        x /= x.norm()
-        estimate = float("inf")
-        for _ in range(max(1, iterations)):
-            y = self.solve(x)
-            norm = float(y.norm())
-            estimate = min(estimate, 1.0 / norm if norm > 0 else float("inf"))
-            x = y / norm
-        return self.shift + estimate
+        return inverse_iteration(self.solve, self.n, self.shift, self.dtype, self.device,
+                                 iterations, seed)
 
 
 @dataclass
