@@ -45,6 +45,8 @@ def test_sketch_decides_where_the_gram_certificate_fails():
     v = factor_rank_verdict(factor, condition="safe-exploration")
     assert "gram-cholesky" in v.details["route"] and "cholesky" not in v.methods
     assert v.details["route"] == "gram-cholesky+khatri-rao-sketch"   # no factor route spent
+    # near-duplicate rows: no few directions hold the trace, so no preconditioning is tried
+    assert v.details["preconditioned"]["trace_ratio"] < 10 and v.details["preconditioned"]["skipped"]
     assert v.verdict == VERIFIED and v.methods == {"sketch": 40}
     exact = float(torch.linalg.svdvals(factor.dense())[-1])
     assert v.tolerance * 10 < v.smallest_kept <= exact

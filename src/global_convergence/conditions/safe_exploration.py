@@ -172,13 +172,14 @@ def safe_exploration_of_inputs(head: GatedHead, z: Tensor, *, q: Tensor | str | 
     start = time.perf_counter()
     gates, source = gate_matrices(head, q, seed, z.dtype, z.device)
     zz = shared_inner_products(z, len(gates))
+    z_cache: dict = {}
     share = None if fallback_flops is None else fallback_flops / len(gates)
     results = []
     for label, qj in gates:
         s = gate_values(z, qj, head.gate_sharpness)
         floor = 0.0 if feature_error is None else noise_floor(z, s, qj, head.gate_sharpness,
                                                               feature_error)
-        factor = KhatriRaoFactor(s, z, zz)
+        factor = KhatriRaoFactor(s, z, zz, z_cache)
         if distributed:
             verdict = distributed_factor_rank_verdict(
                 factor, condition="safe-exploration", group=group, tol=tol, band=band,

@@ -125,13 +125,17 @@ class KhatriRaoFactor(RowFactor):
     """``ϕ`` with rows ``ϕ_i = s_i ⊗ z_i`` (column ``k·m_z + l`` is ``s_ik z_il``), from
     ``s`` (n × m_s) and ``z`` (n × m_z) — [K22]'s ``ϕ(q, θ(1:H−2))`` with ``s = σ̃(Z q)``."""
 
-    def __init__(self, s: Tensor, z: Tensor, zz: Tensor | None = None) -> None:
+    def __init__(self, s: Tensor, z: Tensor, zz: Tensor | None = None,
+                 z_cache: dict | None = None) -> None:
         """``zz``: ``Z Zᵀ`` already formed (shared by the factors of several outputs with the same
-        ``Z``, [K22] §3.3.1), used for the Gram blocks instead of recomputing it."""
+        ``Z``, [K22] §3.3.1), used for the Gram blocks instead of recomputing it. ``z_cache``: a
+        dict shared by those factors, where products of ``Z`` alone computed for one output
+        (the preconditioned ``Z`` of :mod:`.preconditioning`) are kept for the others."""
         if zz is not None and tuple(zz.shape) != (z.shape[0], z.shape[0]):
             raise ValueError(f"zz must be Z Zᵀ of shape {(z.shape[0], z.shape[0])}, got "
                              f"{tuple(zz.shape)}")
         self.zz = zz
+        self.z_cache = {} if z_cache is None else z_cache
         if s.dim() != 2 or z.dim() != 2 or s.shape[0] != z.shape[0]:
             raise ValueError(f"s and z must be matrices with the same number of rows, got "
                              f"{tuple(s.shape)} and {tuple(z.shape)}")

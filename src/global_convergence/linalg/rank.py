@@ -31,6 +31,7 @@ from .cholesky import (CHOLESKY_BLOCK, CholeskyFactor, CholeskyOutcome, blocked_
 from .dense import (cut, decide, pivoted_qr_diagonal, require_finite, singular_values,
                     spectrum_tail, target_value)
 from .factors import KhatriRaoFactor, RowFactor
+from .preconditioning import PRECONDITION_MIN_GAIN, precondition
 from .sketch import SketchBound, khatri_rao_sketch_bound, sketch_columns, sketch_flops
 from .spectrum import GramSpectrum
 from .tolerance import (CHOLESKY_SAFETY, RANK_BAND, cholesky_rounding_bound, gram_rounding_bound,
@@ -224,6 +225,38 @@ def _bounded_factor_values(factor: RowFactor, memory: int, flops: float | None,
     return values
 
 
+def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int | None,
+                       block: int | None, seed: int, details: dict[str, Any], gram: Tensor | None,
+                       route: list[str], methods: dict[str, int]) -> dict[str, Any]:
+    """The Gram certificate; where it fails for a Khatri–Rao factor whose column preconditioner
+    (:mod:`.preconditioning`) lowers the trace — and the rounding floor — by
+    :data:`PRECONDITION_MIN_GAIN` or more, the preconditioned certificate:
+    ``σ_n(ϕ) ≥ (σ_n(fl(ϕC)) − ‖fl(ϕC) − ϕC‖₂) / ‖C‖₂``, so ``fl(ϕC)`` is certified against
+    ``tol·‖C‖₂ + error/band``, which puts the bound on ``σ_n(ϕ)`` above ``band·tol``."""
+    route.append("gram-cholesky")
+    cert = _gram_certificate(factor, tol, band, budget, block, seed, details, gram)
+    if cert["certified"]:
+        methods["cholesky"] = factor.rows
+    if cert["certified"] or not isinstance(factor, KhatriRaoFactor):
+        return cert
+    pre = precondition(factor)
+    record = details["preconditioned"] = {**pre.to_dict(), "notes": []}
+    if pre.trace_ratio < PRECONDITION_MIN_GAIN:
+        record.pop("notes")
+        record["skipped"] = f"it lowers the trace only {pre.trace_ratio:.3g}-fold"
+        return cert
+    route.append("preconditioned-gram-cholesky")
+    tol_p = tol * pre.norm_bound + pre.forming_error / band
+    pre_cert = _gram_certificate(pre.factor, tol_p, band, budget, block, seed, record)
+    details["notes"].extend(record.pop("notes"))
+    if not pre_cert["certified"]:
+        return cert
+    methods["preconditioned_cholesky"] = factor.rows
+    lower = (pre_cert["lower"] - pre.forming_error) / pre.norm_bound
+    record["certified_sigma_min_lower_bound"] = lower
+    return {**pre_cert, "lower": lower, "estimate": None, "preconditioned": True}
+
+
 def _try_sketch(factor: RowFactor, tol: float, band: float, memory: int, flops: float | None,
                 seed: int, details: dict[str, Any]) -> SketchBound | None:
     """The Khatri–Rao sketch bound (:mod:`.sketch`) where ``factor`` is a Khatri–Rao product and
@@ -294,12 +327,9 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     route: list[str] = []
     cert = None
     if certify:
-        route.append("gram-cholesky")
-        cert = _gram_certificate(factor, tol, band, gram_memory_budget, block, seed, details,
-                                 gram)
+        cert = _gram_certificates(factor, tol, band, gram_memory_budget, block, seed, details,
+                                  gram, route, methods)
         del gram
-        if cert["certified"]:
-            methods["cholesky"] = n
     if certify and not cert["certified"]:
         sketch = _try_sketch(factor, tol, band, factor_memory_budget, fallback_flops, seed,
                              details)
@@ -343,6 +373,15 @@ def _assemble(condition: str, target: int, factor: RowFactor, dtype: torch.dtype
         details["spectrum"] = {**spectrum_tail(bounds, "certified lower bounds σ_i(ϕΩ)/‖Ω‖₂ "
                                                        "(Khatri–Rao sketch)"),
                                "certified": True}
+        return Verdict(verdict=VERIFIED, rank=factor.rows, smallest_kept=cert["lower"],
+                       largest_dropped=None, methods=methods, agree=True, **common)
+    if cert is not None and cert.get("preconditioned"):
+        details["margin"] = cert["lower"] / tol if tol > 0 else None
+        details["spectrum"] = {"kind": "preconditioned Gram certificate: σ_max, and at n the "
+                                       "certified lower bound (σ_n(ϕC) − error)/‖C‖₂",
+                               "index": [1, target], "values": [details["sigma_max"],
+                                                                cert["lower"]],
+                               "certified_lower_bound": cert["lower"], "certified": True}
         return Verdict(verdict=VERIFIED, rank=factor.rows, smallest_kept=cert["lower"],
                        largest_dropped=None, methods=methods, agree=True, **common)
     if cert is not None and cert["certified"]:

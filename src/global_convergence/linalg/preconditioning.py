@@ -1,0 +1,106 @@
+"""A column preconditioner for the Gram certificate of a Khatri–Rao ``ϕ`` that keeps its structure.
+
+For any ``C`` (cols × cols), ``σ_n(ϕC) ≤ σ_n(ϕ) ‖C‖₂``, so
+
+    σ_n(ϕ) ≥ σ_n(ϕC) / ‖C‖₂.
+
+With ``C = C_S ⊗ C_Z`` the rows of ``ϕC`` are ``(s_i C_S) ⊗ (z_i C_Z)`` (the mixed-product rule
+for ``ϕ_i = s_i ⊗ z_i``, [K22] §3.3.1): ``ϕC`` is again a Khatri–Rao product, of ``S C_S`` and
+``Z C_Z``, and its Gram matrix costs what ``ϕϕᵀ`` costs.
+
+Why it helps: the worst-case rounding of the Gram certificate, ``δ_G + c_chol`` (Rump's shift,
+:mod:`.tolerance`), is proportional to ``tr(ϕϕᵀ)``, and on trained features that trace is almost
+all in a few directions — the mean of the positive gates ``s_i`` and of the features ``z_i``, the
+class means — while ``λ_min`` lives elsewhere. ``C_M = Q diag(d) Qᵀ`` from the eigenvectors ``Q``
+of ``MᵀM`` with ``d_k = min(1, √(c / λ_k))`` caps every eigenvalue of ``(MC_M)ᵀ(MC_M)`` at ``c``
+(``c`` = the mean eigenvalue ``tr(MᵀM)/m``) and leaves the small ones alone: the trace and with it
+the rounding floor fall by orders of magnitude, ``λ_min`` barely moves.
+
+Everything is bounded, so a certificate on the preconditioned factor is a proof for ``ϕ``:
+
+* **‖C‖₂.** ``Ĉ = fl(Q̂ D Q̂ᵀ)`` with ``Q̂`` the computed eigenvectors: ``‖Q̂‖₂² ≤ 1 +
+  ‖fl(Q̂ᵀQ̂) − I‖_F + γ_m ‖Q̂‖_F²`` and ``‖Ĉ − Q̂DQ̂ᵀ‖₂ ≤ γ_m ‖Q̂‖_F² max d`` (Higham §3.5), so
+  ``‖Ĉ‖₂ ≤ max d · (‖Q̂‖₂² + γ_m ‖Q̂‖_F²)``; ``‖C_S ⊗ C_Z‖₂ = ‖C_S‖₂ ‖C_Z‖₂``.
+* **Forming S Ĉ_S and Z Ĉ_Z.** Row i carries ``‖e_i‖ ≤ γ_m ‖m_i‖ ‖Ĉ‖_F``; the computed Khatri–Rao
+  rows then differ from ``ϕ_i Ĉ`` by at most ``‖e_s‖‖ẑ'‖ + ‖ŝ'‖‖e_z‖ + ‖e_s‖‖e_z‖``, and the
+  Frobenius norm of those row errors bounds ``‖fl(ϕC) − ϕC‖₂`` (Weyl's inequality subtracts it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .factors import KhatriRaoFactor
+from .tolerance import gamma
+
+PRECONDITION_MIN_GAIN = 10.0
+"""The preconditioned certificate is tried only when it lowers ``tr(ϕϕᵀ)`` — and with it the
+rounding floor of the Gram certificate — by at least this factor."""
+
+
+@dataclass(frozen=True)
+class CappedSide:
+    """``M Ĉ`` for one side (``S`` or ``Z``) of a Khatri–Rao factor, with ``‖Ĉ‖₂ ≤ norm_bound``
+    and ``row_errors[i] ≥ ‖fl(m_i Ĉ) − m_i Ĉ‖``."""
+
+    matrix: Tensor
+    preconditioner: Tensor
+    norm_bound: float
+    row_errors: Tensor
+    cap: float
+
+
+@dataclass(frozen=True)
+class PreconditionedFactor:
+    """``fl(ϕC)`` as a Khatri–Rao factor, ``‖C‖₂ ≤ norm_bound``, ``‖fl(ϕC) − ϕC‖₂ ≤
+    forming_error``, and ``trace_ratio = tr(ϕϕᵀ) / tr(fl(ϕC) fl(ϕC)ᵀ)``."""
+
+    factor: KhatriRaoFactor
+    norm_bound: float
+    forming_error: float
+    trace_ratio: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"norm_bound": self.norm_bound, "forming_error": self.forming_error,
+                "trace_ratio": self.trace_ratio}
+
+
+def cap_side(m: Tensor) -> CappedSide:
+    """``M Ĉ`` with ``Ĉ = Q diag(min(1, √(c/λ))) Qᵀ``, ``(λ, Q)`` the eigenpairs of ``MᵀM`` and
+    ``c = tr(MᵀM)/cols`` (module docstring); bounds in ``m``'s precision."""
+    cols, dtype = m.shape[1], m.dtype
+    lam, q = torch.linalg.eigh(m.T @ m)
+    cap = float(lam.clamp_min(0).sum()) / cols
+    d = torch.sqrt(cap / lam.clamp_min(torch.finfo(dtype).tiny)).clamp_(max=1.0)
+    c = (q * d) @ q.T
+    g = gamma(cols, dtype)
+    q_fro_sq = float(q.pow(2).sum())
+    orthogonality = float(torch.linalg.matrix_norm(q.T @ q - torch.eye(cols, dtype=dtype,
+                                                                         device=m.device)))
+    q_norm_sq = 1.0 + orthogonality + g * q_fro_sq
+    norm_bound = float(d.max()) * (q_norm_sq + g * q_fro_sq)
+    row_errors = g * m.norm(dim=1) * float(c.norm())
+    return CappedSide(matrix=m @ c, preconditioner=c, norm_bound=norm_bound, row_errors=row_errors, cap=cap)
+
+
+def precondition(factor: KhatriRaoFactor) -> PreconditionedFactor:
+    """``fl(ϕC)`` with ``C = C_S ⊗ C_Z`` from :func:`cap_side`. The capped ``Z`` (and its
+    ``Z'Z'ᵀ`` when ``factor`` shares ``Z Zᵀ``) is kept in ``factor.z_cache`` for the outputs that
+    share ``Z``."""
+    s_side = cap_side(factor.s)
+    if "capped" not in factor.z_cache:
+        side = cap_side(factor.z)
+        factor.z_cache["capped"] = side
+        factor.z_cache["capped_zz"] = (side.matrix @ side.matrix.T
+                                       if factor.zz is not None else None)
+    z_side = factor.z_cache["capped"]
+    s2, z2 = s_side.matrix, z_side.matrix
+    es, ez = s_side.row_errors, z_side.row_errors
+    rows = es * z2.norm(dim=1) + s2.norm(dim=1) * ez + es * ez
+    capped = KhatriRaoFactor(s2, z2, factor.z_cache["capped_zz"])
+    return PreconditionedFactor(factor=capped, norm_bound=s_side.norm_bound * z_side.norm_bound,
+                                forming_error=float(rows.norm()),
+                                trace_ratio=factor.trace() / max(capped.trace(), math.ulp(0.0)))
