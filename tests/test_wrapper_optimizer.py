@@ -167,6 +167,25 @@ def test_exploit_lr_auto_takes_the_certificates_step_and_refuses_to_step_before_
     assert [g["lr"] for g in other.active_optimizer.param_groups] == [certificate["step_max"]]
 
 
+@pytest.mark.parametrize("method", ["ee", "two-phase"])
+def test_exploit_lr_auto_holds_every_phase2_step_at_1_over_l_whatever_a_scheduler_writes(method):
+    x, _ = _data()
+    model, wrapper = _build(method, exploit_lr="auto")
+    schedule = sched.LambdaLR(wrapper, lambda t: 2.0 ** t)      # would double the lr every step
+    for step in range(TAU):
+        _train_step(model, wrapper, step)
+        schedule.step()
+    step_max = wrapper.certify(x, "mse", full_batch=True)["step_max"]
+    used = []
+    wrapper.active_optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    for step in range(TAU, TAU + 4):
+        _train_step(model, wrapper, step)
+        schedule.step()
+        assert wrapper.param_groups[0]["lr"] > step_max          # the scheduler wrote more
+    assert used == [step_max] * 4                               # every step took 1/L
+
+
 @pytest.mark.parametrize("make, name, failing", [
     (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True), "sgd",
      {"no_momentum", "no_weight_decay"}),

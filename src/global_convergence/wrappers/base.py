@@ -201,6 +201,10 @@ class PhaseWrapper(torch.optim.Optimizer):
             raise UserInputError("exploit_lr='auto' takes the second phase's step 1/L from the "
                                  "certificate: call wrapper.certify(x, loss) after the switch (step "
                                  f"{self.tau}) and before the next step")
+        if self.phase == 2 and self.exploit_lr == AUTO:
+            # [K22] Theorem 5 / [KS21] Theorem 1(i) are for the constant step 1/L: a scheduler's
+            # later writes to the learning rate are overridden
+            set_learning_rate(active, float(self.certificate["step_used"]), "exploit_lr='auto'")
         loss = active.step(closure)
         self.step_count += 1
         if self.step_count == self.tau:

@@ -114,7 +114,8 @@ class EEWrapper(PhaseWrapper):
 
     ``exploit_lr``: ``None`` keeps the learning rate the schedule has reached, a number sets the
     exploitation's learning rate at the switch, ``"auto"`` sets it to the certificate's ``1/L̂``
-    when :meth:`certify` runs (a phase-2 step before that is refused). With
+    when :meth:`certify` runs and holds it there at every phase-2 step, whatever a scheduler
+    writes (the theorem's step is constant; a phase-2 step before :meth:`certify` is refused). With
     ``exploit_optimizer="lbfgs"`` the line search sets the step and ``exploit_lr`` must be None.
     """
 

@@ -38,7 +38,8 @@ class TwoPhase(PhaseWrapper):
 
     ``exploit_lr``: ``None`` keeps the learning rate the schedule has reached, a number sets the
     output layer's learning rate at the switch, ``"auto"`` sets it to the certificate's ``1/L_H``
-    when :meth:`certify` runs (a phase-2 step before that is refused).
+    when :meth:`certify` runs and holds it there at every phase-2 step, whatever a scheduler
+    writes (the theorem's step is constant; a phase-2 step before :meth:`certify` is refused).
     """
 
     model_type = TwoPhaseModel
