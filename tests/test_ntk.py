@@ -326,6 +326,28 @@ def test_softplus_subnormals_match_float64_reference():
             torch.set_flush_denormal(False)
 
 
+def test_symmetric_gram_runs_numpy_blas_on_torch_threads():
+    controller = common._blas_controller()
+    if controller is None or not controller.select(user_api="blas").lib_controllers:
+        pytest.skip("threadpoolctl sees no BLAS library of NumPy's here")
+    threads = torch.get_num_threads()
+    before = [lib.num_threads for lib in controller.select(user_api="blas").lib_controllers]
+    seen = []
+    a = torch.randn(50, 7)
+    torch.set_num_threads(1)
+    try:
+        with common._numpy_blas_threads():
+            seen = [lib["num_threads"] for lib in common._blas_controller().info()
+                    if lib["user_api"] == "blas"]
+        g = common.gram(a)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and all(t == 1 for t in seen)
+    assert torch.allclose(g, a @ a.T, rtol=1e-5, atol=1e-5)
+    after = [lib["num_threads"] for lib in common._blas_controller().info()
+             if lib["user_api"] == "blas"]
+    assert after == before                               # the pool is restored
+
 # ----------------------------------------------------------------------------- other API
 
 
