@@ -1,8 +1,9 @@
 """Benchmark of the empirical NTK against neural-tangents and ``torch.func`` (docs/performance.md).
 
 One run measures the rows of the table in docs/performance.md, float32, with flush-to-zero on
-(docs/performance.md, "Subnormals"), each time the median of ``REPEATS`` calls after one untimed
-warm-up call:
+(docs/performance.md, "Subnormals"). Each round times ``REPEATS`` calls after one untimed warm-up
+call, by the wall clock (median) and by the process's CPU time (``time.process_time``, all
+threads; least of the calls); ours and the peer alternate ``--rounds`` times:
 
 * ``ours``  — :func:`global_convergence.ntk.empirical_ntk` (structured per-layer sums);
 * ``peer``  — neural-tangents' ``empirical_ntk_fn(..., implementation=STRUCTURED_DERIVATIVES)``,
@@ -24,7 +25,9 @@ Usage::
     PYTHONPATH=src python benchmarks/bench_ntk.py --rows mlp:1000 --no-reference
 
 The machine load (``os.getloadavg``) is printed: timings on a shared machine are noisy, and ratios
-within one run are what to compare.
+within one run are what to compare. With ``--threads 1`` both libraries run one intra-op thread
+(ours: ``torch.set_num_threads``, which :func:`global_convergence.ntk.common.gram` also applies to
+NumPy's BLAS; the peer: XLA's flags).
 """
 from __future__ import annotations
 
@@ -47,8 +50,8 @@ from global_convergence.ntk import empirical_ntk
 
 ROWS: tuple[str, ...] = ("mlp:1000", "lenet1:250", "lenet1:1000", "lenet4:250", "lenet4:1000")
 """``model:n`` of the table; ``lenetW`` is LeNet with ``m_c = W``."""
-REPEATS = 3
-"""Timed calls per cell after one warm-up call; the median is reported."""
+REPEATS = 5
+"""Timed calls per round after one warm-up call: the median wall time and the least CPU time."""
 JACREV_ROWS = ("mlp:1000",)
 """Rows where ``vmap(jacrev)`` + ``J Jᵀ`` is timed (it needs all of J: 0.7 GB there)."""
 PEER_VENV = Path(__file__).resolve().parents[1] / ".venv-peers"
@@ -79,15 +82,17 @@ def vmap_jacrev_ntk(model: nn.Module, x: Tensor) -> Tensor:
     return J @ J.T
 
 
-def median_time(fn: Callable[[], Tensor], repeats: int = REPEATS) -> tuple[float, Tensor]:
-    """Median wall time of ``repeats`` calls after one untimed warm-up, and the last result."""
+def timed(fn: Callable[[], Tensor], repeats: int = REPEATS) -> tuple[dict[str, float], Tensor]:
+    """``{"wall": median, "cpu": least}`` seconds of ``repeats`` calls after one untimed warm-up,
+    and the last result."""
     out = fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"wall": statistics.median(wall), "cpu": min(cpu)}, out
 
 
 def reference(model: nn.Module, x: Tensor) -> Tensor:
@@ -123,7 +128,7 @@ class Peer:
                 return json.loads(line)
         raise RuntimeError("the peer process ended without an answer")
 
-    def time(self, row: str) -> float:
+    def time(self, row: str) -> dict[str, float]:
         self.proc.stdin.write(row + "\n")
         self.proc.stdin.flush()
         return self._answer()[row]
@@ -134,31 +139,36 @@ class Peer:
 
 
 def row_cells(row: str, peer: Peer | None, rounds: int, check: bool) -> str:
-    """One line of the table: ours and the peer alternately ``rounds`` times (medians), the
-    ratio of the medians and the median of the per-round ratios, ``vmap(jacrev)``, the error."""
+    """One line of the table: ours and the peer alternately ``rounds`` times; wall: the medians of
+    the rounds, their ratio and the median of the per-round ratios; CPU: the least over all
+    rounds and its ratio; then ``vmap(jacrev)`` (wall and CPU of one call) and the error."""
     model, x = model_and_inputs(row)
     d = sum(p.numel() for p in model.parameters())
     ours, theirs = [], []
     for _ in range(rounds):
         if peer is not None:
             theirs.append(peer.time(row))
-        t, k = median_time(lambda: empirical_ntk(model, x))
+        t, k = timed(lambda: empirical_ntk(model, x))
         ours.append(t)
-    t_ours = statistics.median(ours)
-    cells = [f"{row:>12}", f"{d:>8}", f"{t_ours:8.4f}"]
+    wall = statistics.median(t["wall"] for t in ours)
+    cpu = min(t["cpu"] for t in ours)
+    cells = [f"{row:>12}", f"{d:>7}", f"{wall:7.4f}"]
     if theirs:
-        t_peer = statistics.median(theirs)
-        per_round = statistics.median(a / b for a, b in zip(ours, theirs))
-        cells += [f"{t_peer:8.4f}", f"{t_ours / t_peer:8.2f}x", f"{per_round:8.2f}x"]
+        peer_wall = statistics.median(t["wall"] for t in theirs)
+        peer_cpu = min(t["cpu"] for t in theirs)
+        per_round = statistics.median(a["wall"] / b["wall"] for a, b in zip(ours, theirs))
+        cells += [f"{peer_wall:7.4f}", f"{wall / peer_wall:6.2f}x", f"{per_round:6.2f}x",
+                  f"{cpu:7.4f}", f"{peer_cpu:7.4f}", f"{cpu / peer_cpu:6.2f}x"]
     else:
-        cells += [f"{'-':>8}", f"{'-':>9}", f"{'-':>9}"]
+        cells += [f"{'-':>7}", f"{'-':>7}", f"{'-':>7}", f"{cpu:7.4f}", f"{'-':>7}", f"{'-':>7}"]
     if row in JACREV_ROWS:
-        t_jac, kj = median_time(lambda: vmap_jacrev_ntk(model, x), repeats=1)
-        cells += [f"{t_jac:9.3f}", f"{t_jac / t_ours:10.1f}x"]
+        t_jac, kj = timed(lambda: vmap_jacrev_ntk(model, x), repeats=1)
+        cells += [f"{t_jac['wall']:8.3f}", f"{t_jac['wall'] / wall:7.1f}x",
+                  f"{t_jac['cpu'] / cpu:7.1f}x"]
         del kj
     else:
-        cells += [f"{'-':>9}", f"{'-':>11}"]
-    cells.append(f"{rel_err(k, reference(model, x)):8.1e}" if check else f"{'-':>8}")
+        cells += [f"{'-':>8}", f"{'-':>8}", f"{'-':>8}"]
+    cells.append(f"{rel_err(k, reference(model, x)):7.1e}" if check else f"{'-':>7}")
     return " ".join(cells)
 
 
@@ -166,7 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help="model:n rows")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="alternations of ours and the peer per row (medians reported)")
+                        help="alternations of ours and the peer per row (wall: medians of the "
+                             "rounds; CPU: the least)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads of both (default: each library's own)")
     parser.add_argument("--no-reference", action="store_true", help="skip the float64 check")
@@ -180,11 +191,14 @@ def main() -> None:
     elif not args.no_peer:
         print(f"(no peer environment at {PEER_VENV}: run benchmarks/setup_peers.sh)")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, flush-to-zero, "
-          f"median of {REPEATS} after a warm-up, {args.rounds} rounds alternating with the peer"
+          f"{REPEATS} calls per round after a warm-up (wall: median, CPU: least), "
+          f"{args.rounds} rounds alternating with the peer"
           + (f"; peer: {peer.versions}" if peer else ""))
     print(f"load {os.getloadavg()[0]:.2f}")
-    print(f"{'row':>12} {'d':>8} {'ours s':>8} {'peer s':>8} {'ours/peer':>9} {'per-round':>9} "
-          f"{'jacrev s':>9} {'jacrev/ours':>11} {'err64':>8}")
+    print(f"{'row':>12} {'d':>7} {'wall':>7} {'peer':>7} {'ratio':>7} {'round':>7} {'cpu':>7} "
+          f"{'peer':>7} {'ratio':>7} {'jacrev':>8} {'/wall':>8} {'/cpu':>8} {'err64':>7}")
+    print(f"{'':>12} {'':>7} {'s':>7} {'s':>7} {'wall':>7} {'wall':>7} {'s':>7} {'s':>7} "
+          f"{'cpu':>7} {'s':>8} {'ours':>8} {'ours':>8}")
     try:
         with flush_denormals():
             for row in args.rows:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import functools
 
 import pytest
@@ -263,6 +264,22 @@ def test_both_per_sample_convolution_gradients(monkeypatch, channels):
     assert rel(empirical_ntk(model, x, method="structured"), reference("cnn")[1]) < TOL32
 
 
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=5, padding=2), dict(kernel_size=(3, 2), stride=(2, 1), dilation=(1, 2)),
+    dict(kernel_size=3, padding=2, dilation=2, padding_mode="reflect"),
+    dict(kernel_size=2, padding="same")])
+def test_strided_patches_equal_unfold(geometry):
+    """The patches' strided copy (:func:`structured._patches`) is ``F.unfold`` of the padded
+    input, entry for entry, in the weight's ``(C_in, kh, kw)`` order."""
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(3, 4, **geometry), torch.randn(5, 3, 9, 7)
+    padded = structured._padded(conv, x)
+    expected = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    got = structured._patches(conv, x)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+    assert got.shape[2] == math.prod(conv(x).shape[2:])
+
 def test_recompute_path_when_cache_is_small(monkeypatch):
     model, x = make("gated")
     monkeypatch.setattr(common, "CACHE_BYTES", 0)
@@ -325,6 +342,28 @@ def test_softplus_subnormals_match_float64_reference():
         finally:
             torch.set_flush_denormal(False)
 
+
+def test_symmetric_gram_runs_numpy_blas_on_torch_threads():
+    controller = common._blas_controller()
+    if controller is None or not controller.select(user_api="blas").lib_controllers:
+        pytest.skip("threadpoolctl sees no BLAS library of NumPy's here")
+    threads = torch.get_num_threads()
+    before = [lib.num_threads for lib in controller.select(user_api="blas").lib_controllers]
+    seen = []
+    a = torch.randn(50, 7)
+    torch.set_num_threads(1)
+    try:
+        with common._numpy_blas_threads():
+            seen = [lib["num_threads"] for lib in common._blas_controller().info()
+                    if lib["user_api"] == "blas"]
+        g = common.gram(a)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and all(t == 1 for t in seen)
+    assert torch.allclose(g, a @ a.T, rtol=1e-5, atol=1e-5)
+    after = [lib["num_threads"] for lib in common._blas_controller().info()
+             if lib["user_api"] == "blas"]
+    assert after == before                               # the pool is restored
 
 # ----------------------------------------------------------------------------- other API
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -164,18 +165,43 @@ def with_dtype(model: nn.Module, x: Tensor, dtype: torch.dtype | None) -> tuple[
     return model, x
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> object | None:
+    """threadpoolctl's controller of the BLAS libraries loaded (NumPy's), or None without it."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:             # threadpoolctl comes with scikit-learn; optional here
+        return None
+    return ThreadpoolController()
+
+
+def _numpy_blas_threads() -> contextlib.AbstractContextManager:
+    """NumPy's BLAS limited to ``torch.get_num_threads()`` threads inside the block.
+
+    NumPy's BLAS keeps its own pool (one thread per core), blind to ``torch.set_num_threads``;
+    on a busy machine its spinning threads cost more CPU time than the product saves
+    (docs/performance.md, "Empirical NTK").
+    """
+    controller = _blas_controller()
+    if controller is None:
+        return contextlib.nullcontext()
+    return controller.limit(limits=torch.get_num_threads(), user_api="blas")
+
+
 def gram(a: Tensor, b: Tensor | None = None) -> Tensor:
     """``a bᵀ`` for row matrices (``a aᵀ`` when ``b`` is None).
 
     On the CPU a symmetric product goes through NumPy, whose BLAS call for ``a @ a.T`` is a
     rank-k update computing one triangle (half the multiply-adds of ``torch.mm``); measured
     faster for the tall activation matrices of the ``mlp`` and for the wide gradient rows of
-    LeNet's convolutions alike (docs/performance.md).
+    LeNet's convolutions alike (docs/performance.md). It runs on as many threads as PyTorch's
+    intra-op pool (:func:`_numpy_blas_threads`).
     """
     if (b is None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
             and not a.requires_grad and a.dim() == 2):
         an = a.contiguous().numpy()
-        return torch.from_numpy(an @ an.T)
+        with _numpy_blas_threads():
+            return torch.from_numpy(an @ an.T)
     return a @ (a if b is None else b).T
 
 

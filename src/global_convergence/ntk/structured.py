@@ -87,15 +87,26 @@ def _normalized(bn: nn.Module, inp: Tensor) -> Tensor:
     return (inp - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
 
 
+def _padded(conv: nn.Conv2d, inp: Tensor) -> Tensor:
+    """The convolution's input with its padding applied (any ``padding_mode``)."""
+    pad = conv._reversed_padding_repeated_twice
+    if not any(pad):
+        return inp
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(inp, pad, mode=mode)
+
+
 def _patches(conv: nn.Conv2d, inp: Tensor) -> Tensor:
-    """The convolution's input patches ``u_{i,p}`` as ``(c, C_in·kh·kw, P)``."""
-    padding = conv.padding
-    if conv.padding_mode != "zeros" or isinstance(padding, str):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        inp = F.pad(inp, conv._reversed_padding_repeated_twice, mode=mode)
-        padding = 0
-    return F.unfold(inp, conv.kernel_size, dilation=conv.dilation, padding=padding,
-                    stride=conv.stride)
+    """The convolution's input patches ``u_{i,p}`` as ``(c, C_in·kh·kw, P)``, a transposed view
+    of ``(c, P, C_in·kh·kw)`` in memory: one strided copy of the padded input (``F.unfold``
+    loops over the samples)."""
+    xp = _padded(conv, inp).contiguous()
+    c, cin, h, w = xp.shape
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s0, s1, s2, s3 = xp.stride()
+    windows = xp.as_strided((c, oh, ow, cin, kh, kw), (s0, s2 * sh, s3 * sw, s1, s2 * dh, s3 * dw))
+    return windows.reshape(c, oh * ow, cin * kh * kw).transpose(1, 2)
 
 
 def _hooked_forward(model: nn.Module, modules: list[nn.Module], x: Tensor,
@@ -199,9 +210,7 @@ def _conv_weight_rows(conv: nn.Conv2d, inp: Tensor, delta: Tensor) -> Tensor:
     dilation as stride.
     """
     m, c, cout = delta.shape[:3]
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(conv.padding):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        inp = F.pad(inp, conv._reversed_padding_repeated_twice, mode=mode)
+    inp = _padded(conv, inp)
     kernel = delta.transpose(0, 1).reshape(c * m * cout, 1, *delta.shape[3:])
     out = F.conv2d(inp.transpose(0, 1), kernel, stride=conv.dilation, dilation=conv.stride,
                    groups=c)
