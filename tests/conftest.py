@@ -7,7 +7,8 @@ torch.set_num_threads(2)
 
 @pytest.fixture(autouse=True)
 def _flush_denormals():
-    previous = torch.set_flush_denormal(True)
+    # torch has no getter for the flag; False is the process default every test starts from
+    torch.set_flush_denormal(True)
     yield
     torch.set_flush_denormal(False)
 
