@@ -106,7 +106,13 @@ def factors() -> dict[str, tuple[torch.Tensor, ...]]:
     a = torch.randn(400, 520, generator=g, dtype=torch.float64)
     low = torch.randn(400, 330, generator=g, dtype=torch.float64) @ torch.randn(
         330, 520, generator=g, dtype=torch.float64)  # rank 330
-    return {"kr": (s, z), "kr-repeated": (s_rep, z_rep), "dense": (a,), "dense-low": (low,)}
+    # positive gates near 0.5 and features on a large common mean (trained features): the plain
+    # certificate's floor hides λ_min, the preconditioned one decides
+    z_mean = torch.randn(480, 48, generator=g, dtype=torch.float64) + 1e5 * torch.rand(
+        48, generator=g, dtype=torch.float64)
+    s_mean = 0.5 + 1e-2 * torch.randn(480, 24, generator=g, dtype=torch.float64)
+    return {"kr": (s, z), "kr-repeated": (s_rep, z_rep), "dense": (a,), "dense-low": (low,),
+            "kr-mean": (s_mean, z_mean)}
 
 
 def build(parts: tuple[torch.Tensor, ...]):
@@ -128,6 +134,7 @@ def cases(tensors) -> dict[str, dict]:
     return {"kr-full": case(tensors, "kr"), "kr-repeated": case(tensors, "kr-repeated"),
             "kr-repeated-no-factor-route": case(tensors, "kr-repeated", factor_memory_budget=1),
             "dense-full": case(tensors, "dense"), "dense-low": case(tensors, "dense-low"),
+            "kr-mean": case(tensors, "kr-mean"),
             "kr-too-large": {"factor": "kr", "options": {"block": BLOCK,
                                                          "memory_budget_per_rank": 10_000}}}
 
@@ -192,7 +199,8 @@ def assert_same_verdict(two: dict, one: dict, smallest_rtol: float, rtol: float 
 
 EXPECTED = {"kr-full": ("verified", 480), "kr-repeated": ("not-verified", 479),
             "kr-repeated-no-factor-route": ("inconclusive", 337),
-            "dense-full": ("verified", 400), "dense-low": ("not-verified", 330)}
+            "dense-full": ("verified", 400), "dense-low": ("not-verified", 330),
+            "kr-mean": ("verified", 480)}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -208,6 +216,18 @@ def test_two_ranks_decide_what_one_process_decides(two_ranks, name):
     dense = one_process(spec[name], tensors)
     assert dense["cholesky_layout"] == "dense"
     assert_same_verdict(two, dense, 1e-6, LANCZOS_RTOL)
+
+
+def test_the_preconditioned_certificate_decides_on_the_ranks_as_in_one_process(two_ranks):
+    spec, tensors, results = two_ranks
+    two = results[0]["kr-mean"]
+    assert two["route"] == "gram-cholesky-distributed+preconditioned-gram-cholesky-distributed"
+    assert two["methods"] == {"preconditioned_cholesky": 480} and "cholesky_failed_at" in two
+    one = one_process(spec["kr-mean"], tensors)
+    assert one["route"] == "gram-cholesky+preconditioned-gram-cholesky"
+    for key in ("norm_bound", "forming_error", "trace_ratio", "certified_sigma_min_lower_bound",
+                "sigma_n_estimate"):
+        assert math.isclose(two["preconditioned"][key], one["preconditioned"][key], rel_tol=1e-6)
 
 
 def test_over_the_budget_per_rank_the_factor_route_decides_as_in_one_process(two_ranks):

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from .cholesky import CHOLESKY_BLOCK
 from .dense import cut, require_finite
 from .distributed_cholesky import Ranks, distributed_bytes, distributed_shifted_cholesky
-from .factors import RowFactor
+from .factors import KhatriRaoFactor, RowFactor
+from .preconditioning import PRECONDITION_MIN_GAIN, precondition
 from .rank import (FACTOR_MEMORY_BUDGET, GRAM_MEMORY_FRACTION, _assemble, _factor_values,
                    available_bytes, factor_rank_verdict, largest_gram_eigenvalue,
                    record_cholesky_outcome)
@@ -106,6 +107,14 @@ def distributed_factor_rank_verdict(factor: RowFactor, target: int | None = None
                             details)
         if cert["certified"]:
             methods["cholesky"] = n
+        elif isinstance(factor, KhatriRaoFactor):
+            pre = _preconditioned_certificate(factor, tol, band, memory_budget_per_rank, block,
+                                              seed, ranks, details)
+            if "cholesky_shift" in details["preconditioned"]:            # it was tried
+                route.append("preconditioned-" + ROUTE)
+            if pre is not None:
+                methods["preconditioned_cholesky"] = n
+                cert = pre
     values = None
     if cross_check or cert is None or not cert["certified"]:
         values = _values_from_rank0(factor, factor_memory_budget, ranks)
@@ -163,6 +172,41 @@ def _certificate(factor: RowFactor, tol: float, band: float, trace: float, budge
     result["wait_seconds"] = outcome.wait_seconds
     return record_cholesky_outcome(outcome, shift - delta_gram - delta_chol, seed, details,
                                    result)
+
+
+def _preconditioned_certificate(factor: KhatriRaoFactor, tol: float, band: float,
+                                budget: int | None, block: int, seed: int, ranks: Ranks,
+                                details: dict[str, Any]) -> dict[str, Any] | None:
+    """The preconditioned certificate of :func:`.rank._gram_certificates` over the ranks: rank 0
+    computes ``fl(S C_S)``, ``fl(Z C_Z)`` and their bounds (:mod:`.preconditioning`) and
+    broadcasts them, so every rank factorises the Gram of the same matrix."""
+    figures = torch.zeros(4, dtype=torch.float64, device=factor.device)
+    s, z = torch.empty_like(factor.s), torch.empty_like(factor.z)
+    if ranks.rank == 0:
+        pre = precondition(factor)
+        s.copy_(pre.factor.s)
+        z.copy_(pre.factor.z)
+        figures.copy_(torch.tensor([pre.norm_bound, pre.forming_error, pre.trace_ratio,
+                                    pre.factor.trace()], dtype=torch.float64))
+    for tensor in (figures, s, z):
+        ranks.broadcast(tensor, 0)
+    norm_bound, forming, ratio, trace = figures.tolist()
+    record = details["preconditioned"] = {"norm_bound": norm_bound, "forming_error": forming,
+                                          "trace_ratio": ratio, "notes": []}
+    if ratio < PRECONDITION_MIN_GAIN:
+        record.pop("notes")
+        record["skipped"] = f"it lowers the trace only {ratio:.3g}-fold"
+        return None
+    cert = _certificate(KhatriRaoFactor(s, z), tol * norm_bound + forming / band, band, trace,
+                        budget, block, seed, ranks, record)
+    details["notes"].extend(record.pop("notes"))
+    if not cert["certified"]:
+        return None
+    lower = (cert["lower"] - forming) / norm_bound
+    record["certified_sigma_min_lower_bound"] = lower
+    estimate = cert["estimate"] / norm_bound
+    record["sigma_n_estimate"] = estimate
+    return {**cert, "lower": lower, "estimate": estimate, "preconditioned": True}
 
 
 def _values_from_rank0(factor: RowFactor, budget: int, ranks: Ranks):

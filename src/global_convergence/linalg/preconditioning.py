@@ -13,7 +13,8 @@ Why it helps: the worst-case rounding of the Gram certificate, ``δ_G + c_chol``
 all in a few directions — the mean of the positive gates ``s_i`` and of the features ``z_i``, the
 class means — while ``λ_min`` lives elsewhere. ``C_M = Q diag(d) Qᵀ`` from the eigenvectors ``Q``
 of ``MᵀM`` with ``d_k = min(1, √(c / λ_k))`` caps every eigenvalue of ``(MC_M)ᵀ(MC_M)`` at ``c``
-(``c`` = the mean eigenvalue ``tr(MᵀM)/m``) and leaves the small ones alone: the trace and with it
+(``c`` = the mean of the eigenvalues not above their mean ``tr(MᵀM)/m``: one eigenvalue that holds
+most of the trace does not set the cap) and leaves the small ones alone: the trace and with it
 the rounding floor fall by orders of magnitude, ``λ_min`` barely moves.
 
 Everything is bounded, so a certificate on the preconditioned factor is a proof for ``ϕ``:
@@ -27,7 +28,6 @@ Everything is bounded, so a certificate on the preconditioned factor is a proof 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +70,13 @@ class PreconditionedFactor:
 
 def cap_side(m: Tensor) -> CappedSide:
     """``M Ĉ`` with ``Ĉ = Q diag(min(1, √(c/λ))) Qᵀ``, ``(λ, Q)`` the eigenpairs of ``MᵀM`` and
-    ``c = tr(MᵀM)/cols`` (module docstring); bounds in ``m``'s precision."""
+    ``c`` the mean of the eigenvalues not above their mean (module docstring); bounds in ``m``'s
+    precision."""
     cols, dtype = m.shape[1], m.dtype
     lam, q = torch.linalg.eigh(m.T @ m)
-    cap = float(lam.clamp_min(0).sum()) / cols
+    lam_plus = lam.clamp_min(0)
+    below = lam_plus[lam_plus <= lam_plus.mean()]
+    cap = float(below.mean())
     d = torch.sqrt(cap / lam.clamp_min(torch.finfo(dtype).tiny)).clamp_(max=1.0)
     c = (q * d) @ q.T
     g = gamma(cols, dtype)
@@ -101,6 +104,8 @@ def precondition(factor: KhatriRaoFactor) -> PreconditionedFactor:
     es, ez = s_side.row_errors, z_side.row_errors
     rows = es * z2.norm(dim=1) + s2.norm(dim=1) * ez + es * ez
     capped = KhatriRaoFactor(s2, z2, factor.z_cache["capped_zz"])
+    capped_trace = capped.trace()
+    # a zero cap (a side whose eigenvalues below the mean are all 0) leaves nothing to certify
+    ratio = factor.trace() / capped_trace if capped_trace > 0 else 0.0
     return PreconditionedFactor(factor=capped, norm_bound=s_side.norm_bound * z_side.norm_bound,
-                                forming_error=float(rows.norm()),
-                                trace_ratio=factor.trace() / max(capped.trace(), math.ulp(0.0)))
+                                forming_error=float(rows.norm()), trace_ratio=ratio)
