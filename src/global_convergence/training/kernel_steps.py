@@ -201,7 +201,7 @@ class KernelSteps:
             parts.append(self._block(length, None if indices is None else indices[done:done + length]))
             done += length
         self._store()
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else self.coef.new_empty(0)
 
     def _block(self, count: int, indices: list[torch.Tensor] | None) -> torch.Tensor:
         size = self.n if indices is None else len(indices[0])
