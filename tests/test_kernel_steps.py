@@ -392,9 +392,9 @@ def test_the_loop_in_blocks_writes_the_files_of_the_loop_step_by_step(tmp_path, 
     a = load_checkpoint(tmp_path / "blocks" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "single" / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    state = a["wrapper"].get("exploit_optimizer", a["wrapper"]["optimizer"])["state"][STATE_KEY]
-    assert torch.equal(state["coef"],
-                       b["wrapper"].get("exploit_optimizer", b["wrapper"]["optimizer"])["state"][STATE_KEY]["coef"])
+    engines = [c["wrapper"].get("exploit_optimizer", c["wrapper"]["optimizer"])["state"][STATE_KEY]
+               for c in (a, b)]
+    assert torch.equal(engines[0]["coef"], engines[1]["coef"])
 
 
 def test_a_non_finite_loss_inside_a_block_is_reported_at_its_own_step(monkeypatch):

@@ -247,7 +247,7 @@ class KernelSteps:
         coef.add_(buffer, alpha=-lr * mu if g["nesterov"] else -lr)
 
     def _materialise(self, packed: torch.Tensor) -> list[torch.Tensor]:
-        """``α w_τ + γ m_τ + Φᵀ (d + τ T)`` as parameter-shaped tensors, for ``C = [d; α; γ; τ]``."""
+        """``α w_τ + γ m_τ + Φᵀ (d + τ T)``, parameter-shaped, for ``C = [d; α; γ; τ]``."""
         alpha, gamma, tau = self._scales(packed)
         parts = self.map.transpose(torch.add(packed[:self.n], self.targets, alpha=tau))
         momentum = self.state["anchor_momentum"]
