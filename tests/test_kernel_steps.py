@@ -278,3 +278,135 @@ def test_manual_phase_2_steps_reach_the_model_at_sync_model():
     assert unchanged and not moved_equal
     loop.sync_model(fast)
     torch.testing.assert_close(fast.model.head.weight, slow.model.head.weight, rtol=1e-4, atol=1e-6)
+
+
+# -- blocks of steps ---------------------------------------------------------------------------------
+BLOCKS = [1, 7, 64, 300, 128, 500]           # irregular lengths adding up to STEPS
+
+
+def block_split(index_list: list[torch.Tensor], full: bool) -> list[tuple[int, list | None]]:
+    out, done = [], 0
+    for length in BLOCKS:
+        out.append((length, None if full else index_list[done:done + length]))
+        done += length
+    assert done == STEPS
+    return out
+
+
+@pytest.mark.parametrize("settings", [SGD_SETTINGS["plain"], SGD_SETTINGS["nesterov-dampening"],
+                                      SGD_SETTINGS["all"]], ids=["plain", "nesterov", "all"])
+@pytest.mark.parametrize("batch", [N, 16])
+@pytest.mark.parametrize("make_head", [ee_head, linear_head], ids=["ee", "two-phase"])
+def test_blocks_of_steps_follow_autograd_sgd_and_the_single_steps_bit_for_bit(make_head, settings, batch):
+    """``steps`` in blocks of irregular lengths: the losses of autograd SGD (to 1e-6 over 1000
+    steps) and, bit for bit, the iterates and losses of the same engine stepped one at a time."""
+    head, features = make_head()
+    y, loss = targets("ce", 1), make_loss("ce", 2)
+    index_list = batches(batch, STEPS)
+    heads = [head] + [copy.deepcopy(head) for _ in range(2)]
+    optimizers = [torch.optim.SGD(trained(h), **settings) for h in heads]
+    warm = batches(16, 5, seed=7)                  # a momentum buffer the engine starts from
+    for h, opt in zip(heads, optimizers):
+        autograd_losses(h, features, y, loss, opt, warm)
+    reference = autograd_losses(heads[0], features, y, loss, optimizers[0], index_list)
+    single = build_kernel_steps(optimizers[1], heads[1], features, y, loss)
+    blocked = build_kernel_steps(optimizers[2], heads[2], features, y, loss)
+    one_by_one = [single.step(index) for index in index_list]
+    in_blocks = torch.cat([blocked.steps(length, part) for length, part in
+                           block_split(index_list, batch >= N)]).tolist()
+    assert max(abs(a - b) for a, b in zip(reference, in_blocks)) < 1e-6
+    assert reference[-1] < reference[0]
+    assert in_blocks == one_by_one
+    assert torch.equal(blocked.coef, single.coef)
+    assert (blocked.buffer is None) == (single.buffer is None)
+    if blocked.buffer is not None:
+        assert torch.equal(blocked.buffer, single.buffer)
+    blocked.write_back()
+    for p, q in zip(trained(heads[0]), trained(heads[2])):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [SGD_SETTINGS["plain"], SGD_SETTINGS["all"]], ids=["plain", "all"])
+@pytest.mark.parametrize("make_head", [ee_head, linear_head], ids=["ee", "two-phase"])
+def test_a_block_interrupted_by_a_checkpoint_continues_bit_for_bit(tmp_path, make_head, settings):
+    """300 steps in one block, or 137 then a checkpoint of the optimizer (a file, loaded into a
+    fresh optimizer and head) and 163 more: the same losses and weights, bit for bit."""
+    head, features = make_head()
+    y, loss = targets("ce", 1), make_loss("ce", 2)
+    twin = copy.deepcopy(head)
+    whole_opt = torch.optim.SGD(trained(head), **settings)
+    whole = build_kernel_steps(whole_opt, head, features, y, loss)
+    expected = whole.steps(300).tolist()
+    part_opt = torch.optim.SGD(trained(twin), **settings)
+    first = build_kernel_steps(part_opt, twin, features, y, loss)
+    got = first.steps(137).tolist()
+    first.write_back()
+    torch.save({"head": twin.state_dict(), "optimizer": part_opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    resumed_head = copy.deepcopy(head)
+    resumed_head.load_state_dict(saved["head"])
+    resumed_opt = torch.optim.SGD(trained(resumed_head), **settings)
+    resumed_opt.load_state_dict(saved["optimizer"])
+    resumed = build_kernel_steps(resumed_opt, resumed_head, features, y, loss)
+    got += resumed.steps(163).tolist()
+    assert got == expected
+    whole.write_back()
+    resumed.write_back()
+    assert all(torch.equal(p, q) for p, q in zip(trained(head), trained(resumed_head)))
+
+
+def test_a_long_block_is_split_within_its_output_budget_with_the_same_result():
+    head, features = linear_head(outputs=3)
+    y, loss = targets("ce", 3), make_loss("ce", 3)
+    engines = []
+    for budget in (10 ** 9, 8 * N * 3 * 5):       # everything at once; five steps' outputs
+        twin = copy.deepcopy(head)
+        engine = build_kernel_steps(torch.optim.SGD(trained(twin), **SGD_SETTINGS["all"]),
+                                    twin, features, y, loss)
+        engines.append((engine, engine.steps(23, max_output_bytes=budget)))
+    (a, la), (b, lb) = engines
+    assert torch.equal(la, lb) and torch.equal(a.coef, b.coef) and len(la) == 23
+
+
+def one_step_blocks(monkeypatch):
+    """The loop's blocks cut to single steps: the reference the blocked loop must equal."""
+    from global_convergence.training import loop
+    monkeypatch.setattr(loop, "_block_end", lambda run, last: run.state.step + 1)
+
+
+@pytest.mark.parametrize("overrides", [dict(batch_size=0, momentum=0.0, weight_decay=0.0, lr=0.5,
+                                            checkpoint_every=25, track_alignment_every=75),
+                                       dict(checkpoint_every=25),
+                                       dict(method="two-phase", tau=None, tau0=0.25, data="two-moons",
+                                            batch_size=0)],
+                         ids=["ee-full-batch", "ee-minibatch-momentum", "two-phase"])
+def test_the_loop_in_blocks_writes_the_files_of_the_loop_step_by_step(tmp_path, monkeypatch, overrides):
+    config = run_config(**overrides)
+    blocked = train(config, tmp_path / "blocks", progress=False)
+    with monkeypatch.context() as patch:
+        one_step_blocks(patch)
+        single = train(config, tmp_path / "single", progress=False)
+    assert (tmp_path / "blocks" / "metrics.csv").read_text() == \
+        (tmp_path / "single" / "metrics.csv").read_text()
+    assert blocked["train_error"] == single["train_error"] and blocked["steps"] == single["steps"]
+    a = load_checkpoint(tmp_path / "blocks" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "single" / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    engines = [c["wrapper"].get("exploit_optimizer", c["wrapper"]["optimizer"])["state"][STATE_KEY]
+               for c in (a, b)]
+    assert torch.equal(engines[0]["coef"], engines[1]["coef"])
+
+
+def test_a_non_finite_loss_inside_a_block_is_reported_at_its_own_step(monkeypatch):
+    from global_convergence.errors import NumericalError
+
+    config = run_config(batch_size=0, momentum=0.0, weight_decay=0.0, exploit_lr=1e308, log_every=50)
+    with pytest.raises(NumericalError, match=r"at step (\d+) \(phase 2\)") as blocked:
+        train(config, progress=False)
+    with monkeypatch.context() as patch:
+        one_step_blocks(patch)
+        with pytest.raises(NumericalError) as single:
+            train(config, progress=False)
+    assert str(blocked.value) == str(single.value)
+    step = int(str(blocked.value).split("at step ")[1].split(" ")[0])
+    assert 20 < step and step % 50 != 0          # inside a block, not at its end

@@ -19,147 +19,60 @@ instead of a forward and backward pass through a head of ``m_H · m_{H−1}`` we
 weights are materialised (``Φᵀ c`` in factored form, never forming Φ) only when something reads
 them: evaluation, a checkpoint, the end of the run.
 
+One full-batch step costs three operations. The gradient is ``∂L/∂f = s (h(f) − T)`` (``h`` the
+sigmoid, the softmax or the identity, ``T`` the targets, ``s = 1/b`` or ``2/b``;
+:mod:`.kernel_features`), and the constant ``−s T`` of every full-batch step is carried by one
+more scale: ``c_t = d_t + τ_t T``. All scales and coefficients form one matrix ``C = [d; α; γ; τ]``
+(``α I`` blocks where one kernel serves all outputs) and the kernel is widened to
+``K̂ = [K, Φw_τ, Φm_τ, K T]``, so that a step is ``f = K̂ C`` (one product), ``h(f)`` (one
+activation, written into the top of ``e = [h(f); 0; 0; −I]``) and ``C ← C − lr s e`` (one scaled
+add; weight decay ``λ C`` and the momentum buffer ``B = [b; β; δ; τ']`` are the same linear
+update of ``C`` and ``B``). The loop calls :meth:`KernelSteps.steps` with a block of steps up to
+the next one it acts at (docs/performance.md); a block keeps its outputs and computes the losses
+of all its steps at its end.
+
 The update is the one of ``torch.optim.SGD`` term by term, so the iterates are the optimizer's
 own, computed in float64 (the float32 autograd step drifts from exact arithmetic by more than
 this engine does). The coefficients live in the optimizer's state under the key
 :data:`STATE_KEY` — not a parameter, so ``load_state_dict`` keeps them as saved, in float64 — and
-a checkpoint of the optimizer carries them: a resumed run continues bit for bit. Where the identity does not hold or does not pay — another
+a checkpoint of the optimizer carries them: a resumed run continues bit for bit. Where the
+identity does not hold or does not pay — another
 optimizer (Adam, L-BFGS), several parameter groups, ``maximize``, DDP, augmentation or no feature
 cache (features not fixed per input), a kernel over the memory budget — :func:`kernel_steps_for`
-answers None and the autograd step is used. Measured speed: docs/performance.md ("Coefficient-space phase-2 steps").
+answers None and the autograd step is used. Measured speed: docs/performance.md
+("Coefficient-space phase-2 steps").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..losses import Loss
 from ..models import GatedHead
+from .kernel_features import (DTYPE, FeatureMap, activate, block_losses, ee_feature_map,
+                              gradient_scale, linear_feature_map, loss_and_gradient, prepare_targets,
+                              residual_targets)
 
 if TYPE_CHECKING:
     from .build import Run
 
+__all__ = ["BLOCK_OUTPUT_BYTES", "DTYPE", "MAX_KERNEL_BYTES", "STATE_KEY", "FeatureMap", "KernelSteps",
+           "build_kernel_steps", "ee_feature_map", "kernel_steps_for", "kernel_steps_reason",
+           "linear_feature_map", "loss_and_gradient", "prepare_targets"]
+
 STATE_KEY = "kernel_steps"
 """Key of the engine's coefficients in ``optimizer.state`` (beside the per-parameter entries)."""
-DTYPE = torch.float64
-"""Precision of the engine's kernel, factors and coefficients."""
 MAX_KERNEL_BYTES = 2 * 1024 ** 3
 """Default memory budget of the kernels and factors the engine keeps."""
 
 
-# -- the linear second phase: Φ in factored form --------------------------------------------------
-@dataclass
-class FeatureMap:
-    """``f = Φ w`` for the trained parameters ``params`` of a linear head, Φ kept in factors.
-
-    ``left`` (q, n, a) and ``right`` (n, b): ``Φ_j(x_i) = left[j, i] ⊗ right[i]`` for EE
-    (q = m_y outputs, a = m_H, b = m_{H−1}); for a linear head ``left`` is None and
-    ``Φ(x_i) = right[i] = [h(x_i), 1]`` for every output.
-    """
-
-    params: list[nn.Parameter]
-    left: torch.Tensor | None
-    right: torch.Tensor
-
-    @property
-    def n(self) -> int:
-        return self.right.shape[0]
-
-    def kernel(self) -> torch.Tensor:
-        """``K_j = Φ_j Φ_jᵀ`` of shape (q, n, n)."""
-        gram = self.right @ self.right.T
-        if self.left is None:
-            return gram[None]
-        return torch.bmm(self.left, self.left.transpose(1, 2)) * gram
-
-    def outputs(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """``Φ w`` (n, m_y) for parameter-shaped ``tensors`` (the weights, or a momentum buffer)."""
-        tensors = [t.to(self.right.dtype) for t in tensors]
-        if self.left is None:
-            weight = _linear_matrix(tensors, self.right.shape[1])
-            return self.right @ weight.T
-        pre = torch.einsum("il,jkl->jik", self.right, tensors[0])
-        return (pre * self.left).sum(dim=2).T
-
-    def transpose(self, c: torch.Tensor) -> list[torch.Tensor]:
-        """``Φᵀ c`` as parameter-shaped tensors, for coefficients ``c`` of shape (n, m_y)."""
-        if self.left is None:
-            weight = c.T @ self.right                      # (m_y, m_H [+ 1])
-            return _split_linear(weight, self.params)
-        scaled = self.left * c.T[:, :, None]               # (m_y, n, m_H)
-        return [torch.bmm(scaled.transpose(1, 2), self.right.expand(len(scaled), -1, -1))]
-
-
-def _linear_matrix(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
-    """``[W, b]`` of a linear layer (``W`` alone when it has no bias)."""
-    weight = tensors[0]
-    return torch.cat([weight, tensors[1][:, None]], dim=1) if width > weight.shape[1] else weight
-
-
-def _split_linear(matrix: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    inputs = params[0].shape[1]
-    parts = [matrix[:, :inputs]]
-    if len(params) > 1:
-        parts.append(matrix[:, inputs])
-    return [p.contiguous() for p in parts]
-
-
-def ee_feature_map(head: GatedHead, features: torch.Tensor, dtype: torch.dtype = DTYPE) -> FeatureMap:
-    """Φ of the EE head after the switch: gates ``R(j)`` and ``W(H)`` fixed, ``w_{jk}`` trained.
-    The gates are evaluated as the head's forward pass does (its dtype), then widened."""
-    with torch.no_grad():
-        z = head.augmented_input(features.flatten(1).to(head.weight.dtype))
-        gates = torch.sigmoid(head.gate_sharpness * head.preactivations(z, head.gates))
-        left = (gates * head.out_weight).permute(1, 0, 2)                  # (m_y, n, m_H)
-    return FeatureMap([head.weight], left.to(dtype).contiguous(), z.to(dtype))
-
-
-def linear_feature_map(head: nn.Linear, features: torch.Tensor, dtype: torch.dtype = DTYPE) -> FeatureMap:
-    """Φ of the two-phase output layer: ``[h, 1]`` (``h`` alone without a bias)."""
-    h = features.flatten(1).to(dtype)
-    if head.bias is not None:
-        h = torch.cat([h, h.new_ones(len(h), 1)], dim=1)
-    params = [head.weight] + ([head.bias] if head.bias is not None else [])
-    return FeatureMap(params, None, h)
-
-
-# -- the loss on the outputs ----------------------------------------------------------------------
-def loss_and_gradient(loss: Loss, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch-mean loss and its gradient ``∂L/∂f`` (batch, m_y) in closed form (the losses of
-    docs/design.md: binary cross-entropy on one logit, softmax cross-entropy, squared error)."""
-    return _loss_and_gradient(loss, out, prepare_targets(loss, y, out.dtype))
-
-
-def prepare_targets(loss: Loss, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Targets in the form the closed-form loss reads: ``y`` and the sign ``2y − 1`` as two
-    columns (binary), regression targets (squared error), or the class labels."""
-    if loss.kind == "mse":
-        return loss._regression_targets(y, dtype)
-    if loss.output_dim == 1:
-        y = y.to(dtype).reshape(-1, 1)
-        return torch.cat([y, 2 * y - 1], dim=1)
-    return y
-
-
-def _loss_and_gradient(loss: Loss, out: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    b = len(out)
-    if loss.kind == "mse":
-        residual = out - t
-        return residual.pow(2).sum() / b, residual.mul_(2.0 / b)
-    if loss.output_dim == 1:         # ℓ = −log σ(s f), s = 2y − 1;  ∂ℓ/∂f = σ(f) − y
-        value = F.logsigmoid(out * t[:, 1:]).mean().neg()
-        return value, torch.sigmoid(out).sub_(t[:, :1]).div_(b)
-    value = F.cross_entropy(out, t)
-    grad = torch.softmax(out, dim=1)
-    grad[torch.arange(b), t] -= 1.0
-    return value, grad / b
-
-
 # -- the engine -----------------------------------------------------------------------------------
+BLOCK_OUTPUT_BYTES = 64 * 1024 ** 2
+"""Default memory budget of the outputs a block keeps for its losses (longer blocks are split)."""
+
+
 def _own_copy(saved: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The coefficients of a loaded optimizer state as the engine's own tensors on ``device``:
     ``Optimizer.load_state_dict`` keeps a non-parameter entry as given (the caller's objects, on
@@ -177,25 +90,34 @@ def _own_copy(saved: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class KernelSteps:
     """``torch.optim.SGD`` on a linear second phase, in coefficient space (see the module text).
 
-    ``step(index)`` takes the step of the minibatch ``index`` and returns its loss before the step
-    (as the closure of the autograd path does); :meth:`write_back` materialises the weights into
-    the parameters and the momentum buffer into the optimizer's state.
+    :meth:`steps` takes a block of steps in one call and returns their losses (before each step,
+    as the closure of the autograd path does); ``step(index)`` is a block of one. How a run is
+    cut into blocks does not change the arithmetic of a step: the iterates are the same, bit for
+    bit. :meth:`write_back` materialises the weights into the parameters and the momentum buffer
+    into the optimizer's state.
     """
 
     def __init__(self, feature_map: FeatureMap, optimizer: torch.optim.SGD, targets: torch.Tensor,
                  loss: Loss) -> None:
         self.map, self.optimizer, self.loss = feature_map, optimizer, loss
         self.params = feature_map.params
+        self.n, self.m = feature_map.n, self.params[0].shape[0]
         self.y = prepare_targets(loss, targets, feature_map.right.dtype)
-        self.kernel = feature_map.kernel()
-        self.kernel_2d = self.kernel[0]
+        self.targets = residual_targets(loss, self.y, self.m)
         self.group = optimizer.param_groups[0]
         saved = optimizer.state.get(STATE_KEY)
-        optimizer.state[STATE_KEY] = self._fresh_state() if saved is None else \
-            _own_copy(saved, feature_map.right.device)
-        self.state: dict[str, Any] = optimizer.state[STATE_KEY]
-        self._anchor_outputs()
-        self.n = feature_map.n
+        state = self._fresh_state() if saved is None else _own_copy(saved, feature_map.right.device)
+        self.shared = feature_map.left is None or self.m == 1     # one kernel for every output
+        width = self.m if self.shared else 1
+        self.scale_rows = tuple(self.n + k * width for k in range(3))
+        self.kernel = self._widened_kernel(state)
+        self.coef = self._pack(state["coef"], [*state["scale"], state.get("target_scale", 0.0)])
+        self.buffer = None if state["buffer"] is None else \
+            self._pack(state["buffer"], [*state["buffer_scale"], state.get("buffer_target_scale", 0.0)])
+        self.full_residual = self._pack(torch.zeros_like(state["coef"]), [0.0, 0.0, -1.0])
+        self.state: dict[str, Any] = state
+        optimizer.state[STATE_KEY] = state
+        self._store()
 
     def _fresh_state(self) -> dict[str, Any]:
         """Start from the current weights ``w_τ = 1·w_τ`` and momentum buffers ``m_τ = 1·m_τ``
@@ -203,86 +125,145 @@ class KernelSteps:
         buffers = [self.optimizer.state[p].get("momentum_buffer") for p in self.params]
         dtype = self.map.right.dtype
         momentum = None if any(b is None for b in buffers) else [b.detach().to(dtype) for b in buffers]
-        c = self.map.right.new_zeros(self.map.n, self._outputs())
+        c = self.map.right.new_zeros(self.n, self.m)
         return {"anchor": [p.detach().to(dtype) for p in self.params], "anchor_momentum": momentum,
-                "coef": c, "scale": [1.0, 0.0],
+                "coef": c, "scale": [1.0, 0.0], "target_scale": 0.0,
                 "buffer": None if momentum is None else torch.zeros_like(c),
-                "buffer_scale": [0.0, 1.0 if momentum is not None else 0.0]}
+                "buffer_scale": [0.0, 1.0 if momentum is not None else 0.0], "buffer_target_scale": 0.0}
 
-    def _outputs(self) -> int:
-        return self.params[0].shape[0]
-
-    def _anchor_outputs(self) -> None:
+    def _widened_kernel(self, state: dict[str, Any]) -> torch.Tensor:
+        """``K̂ = [K, Φw_τ, Φm_τ, K T]``: (n, n + 3 m_y) for one shared kernel (each extra part a
+        block of m_y columns), (m_y, n, n + 3) for one kernel per output."""
         with torch.no_grad():
-            self.f_w = self.map.outputs(self.state["anchor"])
-            momentum = self.state["anchor_momentum"]
-            self.f_m = self.map.outputs(momentum) if momentum is not None else torch.zeros_like(self.f_w)
+            f_w = self.map.outputs(state["anchor"])
+            momentum = state["anchor_momentum"]
+            f_m = self.map.outputs(momentum) if momentum is not None else torch.zeros_like(f_w)
+            kernel = self.map.kernel()
+            if self.shared:
+                return torch.cat([kernel[0], f_w, f_m, kernel[0] @ self.targets], dim=1)
+            f_t = torch.bmm(kernel, self.targets.T[:, :, None])[:, :, 0]
+            return torch.cat([kernel, f_w.T[:, :, None], f_m.T[:, :, None], f_t[:, :, None]], dim=2)
+
+    def _pack(self, coef: torch.Tensor, scale: list[float]) -> torch.Tensor:
+        """``C`` (P, m_y): coefficients ``d`` (n, m_y) on top, then the scales ``[α, γ, τ]`` (as
+        ``α I`` blocks for one shared kernel, as rows for one kernel per output)."""
+        packed = coef.new_zeros(self.kernel.shape[-1], self.m)
+        packed[:self.n] = coef
+        for first, value in zip(self.scale_rows, scale):
+            if self.shared:
+                packed[first:first + self.m].diagonal().fill_(value)
+            else:
+                packed[first].fill_(value)
+        return packed
+
+    def _scales(self, packed: torch.Tensor) -> list[float]:
+        return packed[list(self.scale_rows), 0].tolist()
+
+    def _store(self) -> None:
+        """The optimizer's state entry (what a checkpoint saves): ``d`` and ``b`` (views), the
+        scales as numbers."""
+        s = self.state
+        s["coef"], (*s["scale"], s["target_scale"]) = self.coef[:self.n], self._scales(self.coef)
+        if self.buffer is not None:
+            s["buffer"] = self.buffer[:self.n]
+            *s["buffer_scale"], s["buffer_target_scale"] = self._scales(self.buffer)
 
     def outputs(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Current outputs ``f = α Φw_τ + γ Φm_τ + K c`` on the training inputs ``index``."""
-        s = self.state
-        alpha, gamma = s["scale"]
-        base = self.f_w if index is None else self.f_w[index]
-        if self.kernel.shape[0] == 1:            # one kernel for every output: α f_w + K c at once
-            kernel = self.kernel_2d if index is None else self.kernel_2d[index]
-            out = torch.addmm(base, kernel, s["coef"], beta=alpha)
-        else:
-            kernel = self.kernel if index is None else self.kernel[:, index]
-            out = torch.bmm(kernel, s["coef"].T[:, :, None])[:, :, 0].T.add_(base, alpha=alpha)
-        if gamma == 0.0:
-            return out
-        return out.add_(self.f_m if index is None else self.f_m[index], alpha=gamma)
+        """Current outputs ``f = K̂ C`` (n or batch, m_y) on the training inputs ``index``."""
+        return self._outputs(self.kernel if index is None else self.kernel[..., index, :])
+
+    def _outputs(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.shared:
+            return torch.mm(rows, self.coef, out=out)
+        value = torch.bmm(rows, self.coef.T[:, :, None])[:, :, 0].T
+        return value if out is None else out.copy_(value)
 
     @torch.no_grad()
     def step(self, index: torch.Tensor) -> float:
-        """One SGD step on the minibatch ``index`` (global indices into the training set)."""
-        g = self.group
-        lr, mu, wd = g["lr"], g["momentum"], g["weight_decay"]
-        damp, nesterov = g["dampening"], g["nesterov"]
-        s = self.state
-        full = len(index) == self.n
-        value, grad_out = _loss_and_gradient(self.loss, self.outputs(None if full else index),
-                                             self.y if full else self.y[index])
-        # grad = Φᵀ g + λ w in coefficient form: (g scattered on the batch + λ c, λ α, λ γ)
-        if full:
-            gc = grad_out if wd == 0 else grad_out.add(s["coef"], alpha=wd)
-        else:
-            gc = s["coef"] * wd if wd != 0 else torch.zeros_like(s["coef"])
-            gc.index_add_(0, index, grad_out)
-        gs = [wd * v for v in s["scale"]]
-        if mu != 0:
-            if s["buffer"] is None:
-                s["buffer"], s["buffer_scale"] = gc.clone(), list(gs)
-            else:
-                s["buffer"].mul_(mu).add_(gc, alpha=1 - damp)
-                s["buffer_scale"] = [mu * b + (1 - damp) * v for b, v in zip(s["buffer_scale"], gs)]
-            if nesterov:
-                gc = gc.add(s["buffer"], alpha=mu)
-                gs = [v + mu * b for v, b in zip(gs, s["buffer_scale"])]
-            else:
-                gc, gs = s["buffer"], s["buffer_scale"]
-        s["coef"].add_(gc, alpha=-lr)
-        s["scale"] = [v - lr * d for v, d in zip(s["scale"], gs)]
-        return float(value)
+        """One SGD step on the minibatch ``index`` (global indices; all n of them: the full batch)."""
+        return float(self.steps(1, None if len(index) == self.n else [index])[0])
 
-    def _materialise(self, coef: torch.Tensor, scale: list[float]) -> list[torch.Tensor]:
-        """``a w_τ + b m_τ + Φᵀ coef`` as parameter-shaped tensors."""
-        parts = self.map.transpose(coef)
+    @torch.no_grad()
+    def steps(self, count: int, indices: list[torch.Tensor] | None = None, *,
+              max_output_bytes: int = BLOCK_OUTPUT_BYTES) -> torch.Tensor:
+        """``count`` SGD steps, on the full batch (``indices`` None) or on the minibatches
+        ``indices`` (global indices into the training set, one tensor per step); returns the
+        float64 losses (count,) before each step. The outputs of the steps are kept (at most
+        ``max_output_bytes`` at once) and their losses computed together."""
+        if indices is not None and len(indices) != count:
+            raise ValueError(f"{len(indices)} minibatches for {count} steps")
+        parts, done = [], 0
+        while done < count:
+            size = self.n if indices is None else len(indices[done])
+            length = max(1, min(count - done, max_output_bytes // (8 * size * self.m)))
+            if indices is not None:     # one batch size per block
+                length = next((k for k in range(1, length) if len(indices[done + k]) != size), length)
+            parts.append(self._block(length, None if indices is None else indices[done:done + length]))
+            done += length
+        self._store()
+        return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else self.coef.new_empty(0)
+
+    def _block(self, count: int, indices: list[torch.Tensor] | None) -> torch.Tensor:
+        size = self.n if indices is None else len(indices[0])
+        outs = self.coef.new_empty(count, size, self.m)
+        scale = gradient_scale(self.loss, size)
+        if indices is None:             # e = [h(f); 0; 0; −I]: the −T of the residual lives in τ
+            e, top = self.full_residual, self.full_residual[:self.n]
+            for out in outs.unbind(0):
+                activate(self.loss, self._outputs(self.kernel, out=out), into=top)
+                self._update(e, scale)
+            return block_losses(self.loss, outs, self.y.expand(count, *self.y.shape))
+        e = torch.empty_like(self.coef)
+        for out, index in zip(outs.unbind(0), indices):
+            residual = activate(self.loss, self._outputs(self.kernel[..., index, :], out=out))
+            e.zero_()[:self.n].index_add_(0, index, residual.sub_(self.targets[index]))
+            self._update(e, scale)
+        return block_losses(self.loss, outs, self.y[torch.stack(indices)])
+
+    def _update(self, e: torch.Tensor, scale: float) -> None:
+        """``torch.optim.SGD``'s update of ``C`` for the gradient ``G = s e + λ C``."""
+        g, coef, buffer = self.group, self.coef, self.buffer
+        lr, mu, wd, damp = g["lr"], g["momentum"], g["weight_decay"], g["dampening"]
+        if mu == 0:                                     # C ← (1 − lr λ) C − lr s e
+            if wd != 0:
+                coef.mul_(1 - lr * wd)
+            coef.add_(e, alpha=-lr * scale)
+            return
+        if buffer is not None and not g["nesterov"]:    # B ← μ B + (1 − d) G; C ← C − lr B
+            buffer.mul_(mu).add_(e, alpha=(1 - damp) * scale)
+            if wd != 0:
+                buffer.add_(coef, alpha=(1 - damp) * wd)
+            coef.add_(buffer, alpha=-lr)
+            return
+        grad = torch.mul(e, scale)
+        if wd != 0:
+            grad.add_(coef, alpha=wd)
+        if buffer is None:                              # the first step: B = G
+            self.buffer = buffer = grad
+        else:
+            buffer.mul_(mu).add_(grad, alpha=1 - damp)
+        if g["nesterov"]:                               # C ← C − lr (G + μ B)
+            coef.add_(grad, alpha=-lr)
+        coef.add_(buffer, alpha=-lr * mu if g["nesterov"] else -lr)
+
+    def _materialise(self, packed: torch.Tensor) -> list[torch.Tensor]:
+        """``α w_τ + γ m_τ + Φᵀ (d + τ T)``, parameter-shaped, for ``C = [d; α; γ; τ]``."""
+        alpha, gamma, tau = self._scales(packed)
+        parts = self.map.transpose(torch.add(packed[:self.n], self.targets, alpha=tau))
         momentum = self.state["anchor_momentum"]
         for k, part in enumerate(parts):
-            part.add_(self.state["anchor"][k], alpha=scale[0])
-            if momentum is not None and scale[1] != 0.0:
-                part.add_(momentum[k], alpha=scale[1])
+            part.add_(self.state["anchor"][k], alpha=alpha)
+            if momentum is not None and gamma != 0.0:
+                part.add_(momentum[k], alpha=gamma)
         return parts
 
     @torch.no_grad()
     def write_back(self) -> None:
         """Weights into the parameters; the momentum buffer into the optimizer's state."""
-        for p, value in zip(self.params, self._materialise(self.state["coef"], self.state["scale"])):
+        for p, value in zip(self.params, self._materialise(self.coef)):
             p.copy_(value)
-        if self.state["buffer"] is not None:
-            buffers = self._materialise(self.state["buffer"], self.state["buffer_scale"])
-            for p, value in zip(self.params, buffers):
+        if self.buffer is not None:
+            for p, value in zip(self.params, self._materialise(self.buffer)):
                 self.optimizer.state[p]["momentum_buffer"] = value.to(p.dtype)
 
 
@@ -303,11 +284,13 @@ def kernel_steps_reason(optimizer: torch.optim.Optimizer, head: nn.Module, n: in
     if [id(p) for p in group["params"]] != [id(p) for p in trained]:
         return "the optimizer does not hold exactly the head's trained parameters"
     weight = trained[0]
-    if isinstance(head, GatedHead):                 # K (m_y, n, n), A (m_y, n, m_H), Z (n, m_{H−1})
-        outputs, width, inputs = weight.shape
-        count = outputs * n * (n + width) + n * inputs
-    else:                                           # K (1, n, n), [h, 1] (n, m_H + 1)
-        count = n * n + n * (weight.shape[1] + 1)
+    outputs = weight.shape[0]                       # K̂ (m_y, n, n + 3) or (n, n + 3 m_y)
+    if isinstance(head, GatedHead):                 # A (m_y, n, m_H), Z (n, m_{H−1})
+        _, width, inputs = weight.shape
+        count = (n * (n + 3 * outputs) if outputs == 1 else outputs * n * (n + 3)) \
+            + outputs * n * width + n * inputs
+    else:                                           # [h, 1] (n, m_H + 1)
+        count = n * (n + 3 * outputs) + n * (weight.shape[1] + 1)
     size = count * torch.finfo(DTYPE).bits // 8
     if size > max_kernel_bytes:
         return f"the kernel would need {size / 2**30:.1f} GiB (budget {max_kernel_bytes / 2**30:.1f} GiB)"

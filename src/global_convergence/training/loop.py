@@ -32,7 +32,7 @@ from .evaluation import evaluate, predict
 from .feature_cache import build_feature_cache, close_cache
 from .folder import OUTPUT_FILES, check_out, has_checkpoint
 from .metrics import plot_run, write_metrics
-from .phase2 import enter_phase2, phase2_evaluate, phase2_step, sync_model
+from .phase2 import enter_phase2, phase2_block, phase2_evaluate, phase2_step, sync_model
 from .state import (CHECKPOINT_NAME, checkpoint_state, last_good, restore, result_options,
                     write_checkpoint)
 from .steps import attach_train_module, closure_step
@@ -124,11 +124,17 @@ def _loop(run: Run, out: Path | None, callbacks: list[Callback], progress: bool,
     bar = _progress_bar(run, progress)
     last = s.total if stop_after is None else min(s.total, state.step + stop_after)
     while state.step < last:
-        phase, started = run.phase, time.perf_counter()
-        loss = train_step(run)
-        state.step += 1
+        phase, started, first = run.phase, time.perf_counter(), state.step
+        if phase == 2 and run.kernel is not None:      # the steps up to the next one the loop acts at
+            losses = phase2_block(run, _block_end(run, last) - first)
+        else:
+            losses = [train_step(run)]
+        state.step += len(losses)
         state.seconds[f"phase{phase}"] += time.perf_counter() - started
-        _check_finite(run, loss, phase, out)
+        for k, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                state.step = first + k + 1
+                _check_finite(run, loss, phase, out)
         switched = phase == 1 and run.phase == 2
         if switched:
             on_switch(run, out)
@@ -142,7 +148,7 @@ def _loop(run: Run, out: Path | None, callbacks: list[Callback], progress: bool,
         if switched or (every and state.step % every == 0):    # after the log row: it holds
             write_checkpoint(run, out, phase)                    # the switch's alignment check
         if bar is not None:
-            bar.update(1)
+            bar.update(len(losses))
     if bar is not None:
         bar.close()
     write_checkpoint(run, out)
@@ -189,6 +195,14 @@ def _should_log(run: Run) -> bool:
     every = run.config.track_alignment_every
     return (step % s.log_every == 0 or step == s.total or step == s.tau
             or bool(every and step % every == 0))
+
+
+def _block_end(run: Run, last: int) -> int:
+    """The first step after ``run.step`` at which the loop acts — logs (:func:`_should_log`),
+    checkpoints, or stops at ``last``: a block of coefficient-space steps ends there."""
+    step = run.state.step
+    periods = (run.schedule.log_every, run.config.checkpoint_every, run.config.track_alignment_every)
+    return min([last] + [(step // p + 1) * p for p in periods if p])
 
 
 def _check_finite(run: Run, loss: float, phase: int, out: Path | None) -> None:

@@ -5,7 +5,8 @@ augmentation on the trunk features cached at the switch (:mod:`.feature_cache`),
 through the frozen trunk run forward-only. :func:`phase2_step` and :func:`phase2_evaluate` are
 the one place the loop takes a phase-2 step and evaluates in phase 2: an engine that trains the
 head another way (e.g. in kernel space on the cached features) is set up in :func:`enter_phase2`,
-steps in :func:`phase2_step`, and writes its weights back into the model in :func:`sync_model`,
+steps in :func:`phase2_step` (or, for a block of steps the loop needs nothing in between, in
+:func:`phase2_block`), and writes its weights back into the model in :func:`sync_model`,
 which runs before anything reads the model (evaluation and callbacks in :func:`phase2_evaluate`,
 checkpoints in :func:`.state.write_checkpoint`).
 """
@@ -43,6 +44,18 @@ def phase2_step(run: "Run") -> float:
     loss = run.kernel.step(batch_indices(run, run.state.step).to(run.y.device))
     run.wrapper.step_count += 1
     return loss
+
+
+def phase2_block(run: "Run", count: int) -> list[float]:
+    """``count`` steps of the coefficient-space engine in one call (``run.kernel`` set), from
+    ``run.step`` on: the batches of those steps, their losses (before each step) as numbers. The
+    caller advances ``run.step``; the model is synced only by :func:`sync_model`."""
+    start, s = run.state.step, run.schedule
+    indices = None if s.batch >= s.n else \
+        [batch_indices(run, step).to(run.y.device) for step in range(start, start + count)]
+    losses = run.kernel.steps(count, indices)
+    run.wrapper.step_count += count
+    return losses.tolist()
 
 
 def sync_model(run: "Run") -> None:
