@@ -110,3 +110,14 @@ def test_all_parameters_in_eval_restores_the_model_after_an_error():
             assert all(p.requires_grad for p in work.parameters()) and not work.training
             raise RuntimeError("inside")
     assert _state(model) == before
+
+
+def test_keep_freed_memory_takes_effect_on_glibc():
+    import platform
+    import subprocess
+    import sys
+
+    code = ("from global_convergence.experiments.subruns import keep_freed_memory; "
+            "print(keep_freed_memory())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
