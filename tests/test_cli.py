@@ -61,10 +61,12 @@ def test_python_dash_m_train_writes_every_output_of_a_run(tmp_path):
          "certificate.png"])
 
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert list(rows[0]) == METRICS_COLUMNS
+    assert list(rows[0]) == METRICS_COLUMNS + ["alignment_margin", "alignment_rank",
+                                               "alignment_rank_augmented"]
     assert [int(r["step"]) for r in rows] == list(range(9))
     assert [int(r["phase"]) for r in rows] == [1] * 4 + [2] * 5
     assert [r["alignment_ok"] != "" for r in rows] == [s % 4 == 0 for s in range(9)]
+    assert all((r["alignment_rank"] != "") == (r["alignment_ok"] != "") for r in rows)
     assert all(r["test_error"] == "" for r in rows)          # the sine wave has no test set
 
     summary = json.loads((out / "summary.json").read_text())

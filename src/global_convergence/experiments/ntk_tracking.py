@@ -3,7 +3,8 @@ Table 1 and Figure 3, logged by a training callback.
 """
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,26 +12,48 @@ from torch import nn
 
 from ..models import SplitNet
 from ..training import LogEvent
-from .subruns import CallbackFactory
+
+
+@contextmanager
+def all_parameters_in_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` itself in eval mode with every parameter trainable (a frozen trunk unfrozen),
+    restored on exit: modes, ``requires_grad`` and the trunk's frozen flag as they were.
+
+    No copy is made, so the NTK's structured plan, cached per model object (docs/performance.md),
+    is reused from one call to the next; gradients (``.grad``) are not touched.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    frozen = isinstance(model, SplitNet) and model.is_trunk_frozen
+    try:
+        if frozen:
+            model.unfreeze_trunk()
+        for p, _ in grads:
+            p.requires_grad_(True)
+        model.eval()
+        yield model
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        if frozen:
+            model.set_flag("trunk_frozen", True)
+        for m, mode in modes:
+            m.training = mode
 
 
 def full_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``M(θ) = J Jᵀ`` with respect to **all** parameters of ``model`` ([K22] Table 1, Fig. 3).
 
-    Computed on a copy in eval mode (batch norm with running statistics, the function used for
-    predictions); a frozen trunk is unfrozen on the copy and gate buffers stay as they are, so after
-    the EE switch θ = (trunk, θ(H−1), W(H)) with the gates R fixed.
+    Computed in eval mode (batch norm with running statistics, the function used for
+    predictions); a frozen trunk counts as trainable and gate buffers stay as they are, so after
+    the EE switch θ = (trunk, θ(H−1), W(H)) with the gates R fixed. The model is left as it was
+    (:func:`all_parameters_in_eval`).
     """
     from ..ntk import empirical_ntk
 
-    work = copy.deepcopy(model)
-    if isinstance(work, SplitNet) and work.is_trunk_frozen:
-        work.unfreeze_trunk()
-    for p in work.parameters():
-        p.requires_grad_(True)
-    work.eval()
-    device = next(work.parameters()).device
-    return empirical_ntk(work, x.to(device))
+    with all_parameters_in_eval(model) as work:
+        device = next(work.parameters()).device
+        return empirical_ntk(work, x.to(device))
 
 
 class NtkTracker:
@@ -60,6 +83,17 @@ class NtkTracker:
         event.row["ntk_change"] = representation_change(m, self.m0)
 
 
-def ntk_callbacks(total_steps: int, every: int | None = None) -> CallbackFactory:
-    """A :data:`CallbackFactory` with one :class:`NtkTracker`."""
-    return lambda folder: [NtkTracker(folder, total_steps, every)]
+class NtkCallbacks:
+    """A :data:`~.subruns.CallbackFactory` with one :class:`NtkTracker`; a plain object (not a
+    closure) so that jobs carrying it can be sent to worker processes (:func:`.subruns.run_jobs`)."""
+
+    def __init__(self, total_steps: int, every: int | None = None) -> None:
+        self.total, self.every = total_steps, every
+
+    def __call__(self, folder: Path) -> list[NtkTracker]:
+        return [NtkTracker(folder, self.total, self.every)]
+
+
+def ntk_callbacks(total_steps: int, every: int | None = None) -> NtkCallbacks:
+    """The callback factory of a sub-run whose ‖ΔM‖² is tracked (:class:`NtkCallbacks`)."""
+    return NtkCallbacks(total_steps, every)

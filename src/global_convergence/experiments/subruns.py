@@ -2,7 +2,8 @@
 
 Every experiment module builds :class:`Job` s — one :class:`~global_convergence.training.TrainConfig`
 each — and hands them to :func:`run_jobs`, which trains them one after another with the library's
-own :func:`~global_convergence.training.train`, each into its own folder under ``OUT/runs/``.
+own :func:`~global_convergence.training.train`, each into its own folder under ``OUT/runs/`` —
+or, with ``workers > 1``, side by side in that many worker processes (as ``gconv demo`` does).
 A sub-run whose ``summary.json`` says ``completed: true`` for the same configuration is reused, not
 redone; an interrupted one continues from its checkpoint.
 """
@@ -69,6 +70,8 @@ class Job:
     callbacks: CallbackFactory | None = None
     label: dict[str, Any] = field(default_factory=dict)
     """What the experiment needs to know about the run (dataset, method, seed, …)."""
+    cost: float = 1.0
+    """Relative training cost: :func:`run_jobs` with workers starts the costliest first."""
 
 
 @dataclass
@@ -144,8 +147,9 @@ def _number(text: str) -> Any:
     return int(value) if value.is_integer() and "." not in text and "e" not in text else value
 
 
-def run_job(ctx: Context, job: Job, position: str = "") -> SubRun:
-    """Train ``job`` into ``OUT/runs/<key>``, or reuse it when it already completed."""
+def run_job(ctx: Context, job: Job, position: str = "", *, bar: bool = True) -> SubRun:
+    """Train ``job`` into ``OUT/runs/<key>``, or reuse it when it already completed. ``bar``:
+    show the training's progress bar (when ``ctx.progress``)."""
     folder = ctx.out / RUNS_DIR / job.key
     summary = completed_summary(folder, job.config)
     if summary is not None:
@@ -158,7 +162,8 @@ def run_job(ctx: Context, job: Job, position: str = "") -> SubRun:
     started = time.perf_counter()
     callbacks = job.callbacks(folder) if job.callbacks else []
     folder.mkdir(parents=True, exist_ok=True)
-    summary = train(job.config, folder, resume=resume, progress=ctx.progress, callbacks=callbacks)
+    summary = train(job.config, folder, resume=resume, progress=ctx.progress and bar,
+                    callbacks=callbacks)
     ctx.say(f"{position}{job.key}: done in {time.perf_counter() - started:.0f} s"
             + _outcome(summary))
     return SubRun(job, folder, summary, read_metrics(folder / METRICS), reused=False)
@@ -174,13 +179,24 @@ def _outcome(summary: dict[str, Any]) -> str:
     return (" (" + ", ".join(parts) + ")") if parts else ""
 
 
-def run_jobs(ctx: Context, jobs: Sequence[Job], known: Sequence[SubRun] = ()) -> dict[str, SubRun]:
-    """Run every job in order, showing ``[k/N]`` progress. A job is reused, not trained, when it
-    completed earlier in its folder or when one of the ``known`` sub-runs has the same config."""
+def run_jobs(ctx: Context, jobs: Sequence[Job], known: Sequence[SubRun] = (), *,
+             workers: int = 1, threads: int | None = None) -> dict[str, SubRun]:
+    """Run every job, showing ``[k/N]`` progress. A job is reused, not trained, when it
+    completed earlier in its folder or when one of the ``known`` sub-runs has the same config.
+
+    ``threads``: intra-op threads of every training (restored afterwards; None keeps the
+    current setting). ``workers > 1`` trains that many jobs at once in worker processes
+    (``spawn``), each on ``threads or 1`` threads, most costly first (:attr:`Job.cost`); a run's
+    numbers then depend on its thread count only, not on ``workers``. Their callback factories
+    must be picklable (e.g. :class:`~.ntk_tracking.NtkCallbacks`).
+    """
     keys = [j.key for j in jobs]
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate sub-run keys in {ctx.experiment}: {keys}")
-    done = {}
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    done: dict[str, SubRun] = {}
+    todo: list[tuple[str, Job]] = []
     for i, job in enumerate(jobs, 1):
         position = f"[{i}/{len(jobs)}] "
         twin = next((k for k in known if _comparable(k.job.config.to_dict())
@@ -189,8 +205,75 @@ def run_jobs(ctx: Context, jobs: Sequence[Job], known: Sequence[SubRun] = ()) ->
             ctx.say(f"{position}{job.key}: same run as {twin.job.key}, reused")
             done[job.key] = SubRun(job, twin.folder, twin.summary, twin.rows, reused=True)
         else:
-            done[job.key] = run_job(ctx, job, position)
-    return done
+            todo.append((position, job))
+    if workers > 1 and len(todo) > 1:
+        done.update(_in_workers(ctx, todo, workers, threads or 1))
+    else:
+        for position, job in todo:
+            done[job.key] = _run_with_threads(ctx, job, position, threads, bar=True)
+    return {key: done[key] for key in keys}
+
+
+def _run_with_threads(ctx: Context, job: Job, position: str, threads: int | None, *,
+                      bar: bool) -> SubRun:
+    """:func:`run_job` with ``threads`` intra-op threads (None: as they are)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return run_job(ctx, job, position, bar=bar)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory for reuse instead of returning it to the system
+    (``mallopt``: no ``mmap`` allocations, no heap trimming); True where that took effect.
+
+    Tensors over 32 MB (a LeNet m_c = 4 activation at n = 1000) are otherwise mapped and unmapped
+    at every step, and the page faults of touching them again cost a fifth of the CPU time of a
+    step (docs/reproduction.md). Run in each worker process of :func:`run_jobs` when it starts
+    (it changes the allocator of the whole process). Not glibc: nothing happens.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    m_mmap_max, m_trim_threshold = -4, -1                  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def _worker(task: tuple[Context, Job, str, int]) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+    """One job in a worker process: its summary, rows and whether it was reused."""
+    ctx, job, position, threads = task
+    run = _run_with_threads(ctx, job, position, threads, bar=False)
+    return run.summary, run.rows, run.reused
+
+
+def _in_workers(ctx: Context, todo: list[tuple[str, Job]], workers: int,
+                threads: int) -> dict[str, SubRun]:
+    """The jobs of ``todo`` in ``workers`` spawned processes, the most costly submitted first."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    order = sorted(todo, key=lambda t: -t[1].cost)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context,
+                             initializer=keep_freed_memory) as pool:
+        futures = {job.key: pool.submit(_worker, (ctx, job, position, threads))
+                   for position, job in order}
+        out = {}
+        for position, job in order:
+            summary, rows, reused = futures[job.key].result()
+            out[job.key] = SubRun(job, ctx.out / RUNS_DIR / job.key, summary, rows, reused)
+    return out
 
 
 def cached_result(ctx: Context, key: str, compute: Callable[[], dict[str, Any]], *,

@@ -63,7 +63,10 @@ def float32_attempt_pays(run: "Run", cached: torch.Tensor | None) -> bool:
 
 
 def track_alignment(run: "Run", row: dict[str, Any]) -> None:
-    """One check of data-architecture alignment ([K22] §2.1.2): ``Q_T`` counts the failed ones."""
+    """One check of data-architecture alignment ([K22] §2.1.2): ``Q_T`` counts the failed ones.
+    The row also gets ``rank(J)``, ``rank([J, vec(Y')])`` and ``alignment_margin``, the relative
+    distance ``|σ/tol − 1|`` of the singular value of ``J`` nearest the tolerance (how close the
+    verdict was to flipping, docs/verifiers.md)."""
     from .. import conditions
 
     verdict = conditions.alignment(run.model, run.x, run.y, loss=run.loss)
@@ -71,3 +74,8 @@ def track_alignment(run: "Run", row: dict[str, Any]) -> None:
     run.state.alignment_checks += 1
     run.state.q_t += 0 if ok else 1
     row["alignment_ok"] = int(ok)
+    row["alignment_rank"] = verdict.rank
+    row["alignment_rank_augmented"] = verdict.details.get("rank_augmented")
+    nearest = [abs(v / verdict.tolerance - 1.0) for v in (verdict.smallest_kept,
+               verdict.largest_dropped) if v is not None and verdict.tolerance]
+    row["alignment_margin"] = min(nearest) if nearest else None
