@@ -31,7 +31,7 @@ from .cholesky import CHOLESKY_BLOCK
 from .dense import cut, require_finite
 from .distributed_cholesky import Ranks, distributed_bytes, distributed_shifted_cholesky
 from .factors import KhatriRaoFactor, RowFactor
-from .preconditioning import PRECONDITION_MIN_GAIN, precondition
+from .preconditioning import PRECONDITION_MIN_GAIN, PreconditionedFactor, precondition
 from .rank import (FACTOR_MEMORY_BUDGET, GRAM_MEMORY_FRACTION, _assemble, _factor_values,
                    available_bytes, factor_rank_verdict, largest_gram_eigenvalue,
                    record_cholesky_outcome)
@@ -191,22 +191,16 @@ def _preconditioned_certificate(factor: KhatriRaoFactor, tol: float, band: float
     for tensor in (figures, s, z):
         ranks.broadcast(tensor, 0)
     norm_bound, forming, ratio, trace = figures.tolist()
-    record = details["preconditioned"] = {"norm_bound": norm_bound, "forming_error": forming,
-                                          "trace_ratio": ratio, "notes": []}
+    pre = PreconditionedFactor(KhatriRaoFactor(s, z), norm_bound, forming, ratio)
+    record = details["preconditioned"] = {**pre.to_dict(), "notes": []}
     if ratio < PRECONDITION_MIN_GAIN:
         record.pop("notes")
         record["skipped"] = f"it lowers the trace only {ratio:.3g}-fold"
         return None
-    cert = _certificate(KhatriRaoFactor(s, z), tol * norm_bound + forming / band, band, trace,
-                        budget, block, seed, ranks, record)
+    cert = _certificate(pre.factor, pre.tolerance_for(tol, band), band, trace, budget, block,
+                        seed, ranks, record)
     details["notes"].extend(record.pop("notes"))
-    if not cert["certified"]:
-        return None
-    lower = (cert["lower"] - forming) / norm_bound
-    record["certified_sigma_min_lower_bound"] = lower
-    estimate = cert["estimate"] / norm_bound
-    record["sigma_n_estimate"] = estimate
-    return {**cert, "lower": lower, "estimate": estimate, "preconditioned": True}
+    return pre.result_for_phi(cert, record) if cert["certified"] else None
 
 
 def _values_from_rank0(factor: RowFactor, budget: int, ranks: Ranks):

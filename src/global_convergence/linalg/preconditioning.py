@@ -67,6 +67,20 @@ class PreconditionedFactor:
         return {"norm_bound": self.norm_bound, "forming_error": self.forming_error,
                 "trace_ratio": self.trace_ratio}
 
+    def tolerance_for(self, tol: float, band: float) -> float:
+        """What ``σ_n(fl(ϕC))`` must clear, times ``band``, for ``σ_n(ϕ)`` to clear ``band·tol``:
+        ``tol·‖C‖₂ + error/band``."""
+        return tol * self.norm_bound + self.forming_error / band
+
+    def result_for_phi(self, cert: dict, record: dict) -> dict:
+        """A certificate of ``fl(ϕC)`` turned into one of ``ϕ``: the certified bound
+        ``(σ − error)/‖C‖₂ ≤ σ_n(ϕ)`` and the estimate ``σ̂_n(ϕC)/‖C‖₂`` (an estimate, not a
+        bound), also written into ``record``."""
+        lower = (cert["lower"] - self.forming_error) / self.norm_bound
+        estimate = cert["estimate"] / self.norm_bound
+        record.update(certified_sigma_min_lower_bound=lower, sigma_n_estimate=estimate)
+        return {**cert, "lower": lower, "estimate": estimate, "preconditioned": True}
+
 
 def cap_side(m: Tensor) -> CappedSide:
     """``M Ĉ`` with ``Ĉ = Q diag(min(1, √(c/λ))) Qᵀ``, ``(λ, Q)`` the eigenpairs of ``MᵀM`` and

@@ -246,17 +246,13 @@ def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int |
         record["skipped"] = f"it lowers the trace only {pre.trace_ratio:.3g}-fold"
         return cert
     route.append("preconditioned-gram-cholesky")
-    tol_p = tol * pre.norm_bound + pre.forming_error / band
-    pre_cert = _gram_certificate(pre.factor, tol_p, band, budget, block, seed, record)
+    pre_cert = _gram_certificate(pre.factor, pre.tolerance_for(tol, band), band, budget, block,
+                                 seed, record)
     details["notes"].extend(record.pop("notes"))
     if not pre_cert["certified"]:
         return cert
     methods["preconditioned_cholesky"] = factor.rows
-    lower = (pre_cert["lower"] - pre.forming_error) / pre.norm_bound
-    record["certified_sigma_min_lower_bound"] = lower
-    estimate = pre_cert["estimate"] / pre.norm_bound        # an estimate, not a bound (σ_n(ϕC)/‖C‖)
-    record["sigma_n_estimate"] = estimate
-    return {**pre_cert, "lower": lower, "estimate": estimate, "preconditioned": True}
+    return pre.result_for_phi(pre_cert, record)
 
 
 def _try_sketch(factor: RowFactor, tol: float, band: float, memory: int, flops: float | None,
