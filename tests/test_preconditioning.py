@@ -62,6 +62,9 @@ def test_preconditioned_certificate_decides_where_the_gram_certificate_fails():
     assert RANK_BAND * v.tolerance < v.smallest_kept <= exact    # a sound lower bound on σ_n
     estimate = v.details["preconditioned"]["sigma_n_estimate"]
     assert v.smallest_kept < estimate and math.isclose(estimate, exact, rel_tol=0.5)
+    # the second certificate, at half the estimate, proves a bound near σ_n, far above the band
+    assert v.details["preconditioned"]["tightened"]["certified"]
+    assert v.smallest_kept >= 0.4 * estimate and v.details["margin"] > 1000
     assert v.details["margin"] == v.smallest_kept / v.tolerance
     assert v.to_dict()["spectrum"]["certified"]
     full = factor_rank_verdict(factor, cross_check=True)        # SVD and QR of ϕ agree

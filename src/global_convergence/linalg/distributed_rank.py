@@ -200,7 +200,11 @@ def _preconditioned_certificate(factor: KhatriRaoFactor, tol: float, band: float
     cert = _certificate(pre.factor, pre.tolerance_for(tol, band), band, trace, budget, block,
                         seed, ranks, record)
     details["notes"].extend(record.pop("notes"))
-    return pre.result_for_phi(cert, record) if cert["certified"] else None
+    if not cert["certified"]:
+        return None
+    cert = pre.tightened(cert, lambda t, rec: _certificate(
+        pre.factor, t, band, trace, budget, block, seed, ranks, rec), band, record)
+    return pre.result_for_phi(cert, record)
 
 
 def _values_from_rank0(factor: RowFactor, budget: int, ranks: Ranks):

@@ -252,6 +252,8 @@ def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int |
     if not pre_cert["certified"]:
         return cert
     methods["preconditioned_cholesky"] = factor.rows
+    pre_cert = pre.tightened(pre_cert, lambda t, rec: _gram_certificate(
+        pre.factor, t, band, budget, block, seed, rec), band, record)
     return pre.result_for_phi(pre_cert, record)
 
 
