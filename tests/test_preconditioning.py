@@ -67,6 +67,9 @@ def test_preconditioned_certificate_decides_where_the_gram_certificate_fails():
     assert v.smallest_kept >= 0.4 * estimate and v.details["margin"] > 1000
     assert v.details["margin"] == v.smallest_kept / v.tolerance
     assert v.to_dict()["spectrum"]["certified"]
+    capped = factor_rank_verdict(factor, fallback_flops=1e9)     # a run's budget: no tightening
+    assert capped.verdict == VERIFIED and "tightened" not in capped.details["preconditioned"]
+    assert RANK_BAND * capped.tolerance < capped.smallest_kept < v.smallest_kept
     full = factor_rank_verdict(factor, cross_check=True)        # SVD and QR of ϕ agree
     assert full.methods["svd"] == full.methods["qr"] == 120
 

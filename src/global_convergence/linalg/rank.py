@@ -227,7 +227,8 @@ def _bounded_factor_values(factor: RowFactor, memory: int, flops: float | None,
 
 def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int | None,
                        block: int | None, seed: int, details: dict[str, Any], gram: Tensor | None,
-                       route: list[str], methods: dict[str, int]) -> dict[str, Any]:
+                       route: list[str], methods: dict[str, int], tighten: bool = True
+                       ) -> dict[str, Any]:
     """The Gram certificate; where it fails for a Khatri–Rao factor whose column preconditioner
     (:mod:`.preconditioning`) lowers the trace — and the rounding floor — by
     :data:`PRECONDITION_MIN_GAIN` or more, the preconditioned certificate:
@@ -252,8 +253,9 @@ def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int |
     if not pre_cert["certified"]:
         return cert
     methods["preconditioned_cholesky"] = factor.rows
-    pre_cert = pre.tightened(pre_cert, lambda t, rec: _gram_certificate(
-        pre.factor, t, band, budget, block, seed, rec), band, record)
+    if tighten:
+        pre_cert = pre.tightened(pre_cert, lambda t, rec: _gram_certificate(
+            pre.factor, t, band, budget, block, seed, rec), band, record)
     return pre.result_for_phi(pre_cert, record)
 
 
@@ -305,7 +307,9 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     rounding in how ``A`` was computed cannot fake or hide a singular value. ``fallback_flops``
     caps the cost of each expensive route — the Khatri–Rao sketch (:func:`.sketch.sketch_flops`)
     and the factor route (:func:`factor_route_flops`); ``None``: no cap, ``0``: never — over it
-    the route is skipped and the note says what it would have cost.
+    the route is skipped and the note says what it would have cost. Without a cap the
+    preconditioned certificate also tightens its bound (one more factorisation, spent on
+    showing where ``σ_n`` is rather than on deciding).
     """
     start = time.perf_counter()
     n, cols, dtype = factor.rows, factor.cols, factor.dtype
@@ -328,7 +332,7 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     cert = None
     if certify:
         cert = _gram_certificates(factor, tol, band, gram_memory_budget, block, seed, details,
-                                  gram, route, methods)
+                                  gram, route, methods, tighten=fallback_flops is None)
         del gram
     if certify and not cert["certified"]:
         sketch = _try_sketch(factor, tol, band, factor_memory_budget, fallback_flops, seed,
