@@ -365,6 +365,41 @@ def test_symmetric_gram_runs_numpy_blas_on_torch_threads():
              if lib["user_api"] == "blas"]
     assert after == before                               # the pool is restored
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_side_by_side_grams_equal_one_at_a_time(threads):
+    """Products of mixed sizes (one larger than the rest together, then several alike), in both
+    dtypes, each equal to its own ``a aᵀ``; BLAS threads are restored afterwards."""
+    controller = common._blas_controller()
+    before = controller.info() if controller is not None else None
+    gen = torch.Generator().manual_seed(3)
+    mats = [torch.randn(300, 400, generator=gen, dtype=torch.float64)] + \
+        [torch.randn(120, 30 + 5 * i, generator=gen) for i in range(5)] + [torch.randn(4, 1)]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = common.grams(mats)
+    finally:
+        torch.set_num_threads(saved)
+    assert len(out) == len(mats)
+    for a, g in zip(mats, out):
+        assert g.dtype == a.dtype and g.shape == (a.shape[0], a.shape[0])
+        assert torch.allclose(g, a @ a.T, rtol=1e-5, atol=1e-4)
+    if controller is not None:
+        assert controller.info() == before
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_structured_ntk_same_with_two_threads(kind):
+    model, x = make(kind)
+    ref = empirical_ntk(model, x, method="jacobian", dtype=torch.float64)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = empirical_ntk(model, x, method="structured")
+    finally:
+        torch.set_num_threads(saved)
+    assert rel(got, ref) < TOL32
+
 # ----------------------------------------------------------------------------- other API
 
 

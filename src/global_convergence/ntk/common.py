@@ -7,11 +7,12 @@ as its 4-D view ``K4[j, i, k, i'] = K[j·n + i, k·n + i']``.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -199,10 +200,48 @@ def gram(a: Tensor, b: Tensor | None = None) -> Tensor:
     """
     if (b is None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
             and not a.requires_grad and a.dim() == 2):
-        an = a.contiguous().numpy()
         with _numpy_blas_threads():
-            return torch.from_numpy(an @ an.T)
+            return _numpy_symmetric(a)
     return a @ (a if b is None else b).T
+
+
+def _numpy_symmetric(a: Tensor) -> Tensor:
+    """``a aᵀ`` by NumPy's rank-k update (one triangle), on whatever BLAS threads are set."""
+    an = a.contiguous().numpy()
+    return torch.from_numpy(an @ an.T)
+
+
+@functools.lru_cache(maxsize=4)
+def _gram_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """Python threads that run one symmetric product each (NumPy releases the GIL in BLAS)."""
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gconv-gram")
+
+
+def grams(mats: Sequence[Tensor]) -> list[Tensor]:
+    """``[a aᵀ for a in mats]``, the products side by side on the CPU.
+
+    The per-layer products of a structured NTK are small (``1000 × 300`` for the ``mlp``): one
+    BLAS call does not split well over cores, and NumPy's BLAS threads wait for cores that
+    PyTorch's idle threads still spin on. With ``t = torch.get_num_threads() > 1`` the products run
+    ``t`` at a time, each on one BLAS thread, largest first; a product costing more than all the
+    others together runs alone on ``t`` threads first.
+    """
+    threads = torch.get_num_threads()
+    eligible = all(a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+                   and not a.requires_grad and a.dim() == 2 for a in mats)
+    if threads <= 1 or len(mats) < 2 or not eligible or _blas_controller() is None:
+        return [gram(a) for a in mats]
+    cost = [a.shape[0] ** 2 * a.shape[1] for a in mats]
+    order = sorted(range(len(mats)), key=cost.__getitem__, reverse=True)
+    out: list[Tensor | None] = [None] * len(mats)
+    if cost[order[0]] > sum(cost) - cost[order[0]]:
+        out[order[0]] = gram(mats[order[0]])
+        order = order[1:]
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        results = _gram_pool(threads).map(lambda i: _numpy_symmetric(mats[i]), order)
+        for i, g in zip(order, results):
+            out[i] = g
+    return out  # type: ignore[return-value]
 
 
 def pairwise_blocks(n: int, m: int, chunk: int, features: Callable[[slice], F],

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import common
-from .common import (BLOCK_ELEMENTS, gram, output_matrix, pairwise_blocks, samples_per_chunk,
-                     zero_subnormals_)
+from .common import (BLOCK_ELEMENTS, gram, grams, output_matrix, pairwise_blocks,
+                     samples_per_chunk, zero_subnormals_)
 from .jacobian import per_sample_jacobian
 from .plan import LayerPlan, StructureChanged, StructuredPlan, cached_plan
 
@@ -302,17 +302,25 @@ def chunk_features(model: nn.Module, plan: StructuredPlan, x: Tensor,
     return feats
 
 
+Products = tuple[Tensor, Tensor]
+"""``(U_a U_bᵀ, D_a D_bᵀ)`` of a one-position layer."""
+
+
 def _gram_layer_into(block: Tensor | None, ua: Tensor, da: Tensor, ub: Tensor, db: Tensor,
-                     same: bool) -> Tensor:
+                     same: bool, products: Products | None = None) -> Tensor:
     """Add ``Σ_{p,q} (δ^j_{i,p}·δ^k_{i',q}) (u_{i,p}·u_{i',q})`` to ``block`` (the ``u`` carry
     the bias's ones). ``block`` is ``(m, c_a, m, c_b)`` or None (then a new one is returned).
-    For ``P = 1`` this is ``(D_a D_bᵀ) ⊙ (U_a U_bᵀ)``, one fused multiply-add."""
+    For ``P = 1`` this is ``(D_a D_bᵀ) ⊙ (U_a U_bᵀ)``, one fused multiply-add; ``products`` are
+    ``(U_a U_bᵀ, D_a D_bᵀ)`` when already formed."""
     m, ca, positions, fan_out = da.shape
     cb = db.shape[1]
     if positions == 1:
-        gu = gram(ua[:, 0]) if same else ua[:, 0] @ ub[:, 0].T
-        dflat_a = da.reshape(m * ca, fan_out)
-        gd = gram(dflat_a) if same else dflat_a @ db.reshape(m * cb, fan_out).T
+        if products is not None:
+            gu, gd = products
+        else:
+            gu = gram(ua[:, 0]) if same else ua[:, 0] @ ub[:, 0].T
+            dflat_a = da.reshape(m * ca, fan_out)
+            gd = gram(dflat_a) if same else dflat_a @ db.reshape(m * cb, fan_out).T
         gd, gu = gd.view(m, ca, m, cb), gu.view(1, ca, 1, cb)
         return gd.mul_(gu) if block is None else block.addcmul_(gd, gu)
     if block is None:
@@ -330,17 +338,34 @@ def _gram_layer_into(block: Tensor | None, ua: Tensor, da: Tensor, ub: Tensor, d
     return block
 
 
+def _symmetric_products(f: ChunkFeatures) -> tuple[Tensor | None, list[Products | None]]:
+    """The chunk's own ``R Rᵀ`` (gradient rows) and ``(U Uᵀ, D Dᵀ)`` of its one-position layers,
+    formed side by side (:func:`.common.grams`)."""
+    mats = [] if f.rows is None else [f.rows.reshape(-1, f.rows.shape[2])]
+    for u, d in f.grams:
+        if d.shape[2] == 1:
+            mats += [u[:, 0], d.reshape(-1, d.shape[3])]
+    done = iter(grams(mats))
+    rows = None if f.rows is None else next(done)
+    pairs = [(next(done), next(done)) if d.shape[2] == 1 else None for _, d in f.grams]
+    return rows, pairs
+
+
 def contract(fa: ChunkFeatures, fb: ChunkFeatures) -> Tensor:
     """The NTK block between two chunks, ``(m, c_a, m, c_b)``: sum of all layers' blocks."""
     same = fa is fb
     block: Tensor | None = None
+    if same:
+        rows_gram, pairs = _symmetric_products(fa)
+    else:
+        rows_gram, pairs = None, [None] * len(fa.grams)
     if fa.rows is not None:
         m, ca, k = fa.rows.shape
         cb = fb.rows.shape[1]
         ra = fa.rows.reshape(m * ca, k)
-        block = (gram(ra) if same else ra @ fb.rows.reshape(m * cb, k).T).view(m, ca, m, cb)
-    for (ua, da), (ub, db) in zip(fa.grams, fb.grams):
-        block = _gram_layer_into(block, ua, da, ub, db, same)
+        block = (rows_gram if same else ra @ fb.rows.reshape(m * cb, k).T).view(m, ca, m, cb)
+    for (ua, da), (ub, db), products in zip(fa.grams, fb.grams, pairs):
+        block = _gram_layer_into(block, ua, da, ub, db, same, products)
     return block
 
 
