@@ -26,7 +26,7 @@ Usage::
 
 The machine load (``os.getloadavg``) is printed: timings on a shared machine are noisy, and ratios
 within one run are what to compare. With ``--threads 1`` both libraries run one intra-op thread
-(ours: ``torch.set_num_threads``, which :func:`global_convergence.ntk.common.gram` also applies to
+(ours: ``torch.set_num_threads``, which :func:`global_convergence.linalg.symmetric.gram` also applies to
 NumPy's BLAS; the peer: XLA's flags).
 """
 from __future__ import annotations

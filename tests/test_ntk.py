@@ -22,6 +22,7 @@ from global_convergence.ntk import (
     structured,
 )
 from global_convergence.ntk import plan as ntk_plan
+from global_convergence.linalg import symmetric
 from global_convergence.models.analytic import _flush_denormal_state
 from global_convergence.ntk.common import SUBNORMAL_CUTOFF
 
@@ -344,7 +345,7 @@ def test_softplus_subnormals_match_float64_reference():
 
 
 def test_symmetric_gram_runs_numpy_blas_on_torch_threads():
-    controller = common._blas_controller()
+    controller = symmetric.blas_controller()
     if controller is None or not controller.select(user_api="blas").lib_controllers:
         pytest.skip("threadpoolctl sees no BLAS library of NumPy's here")
     threads = torch.get_num_threads()
@@ -353,15 +354,15 @@ def test_symmetric_gram_runs_numpy_blas_on_torch_threads():
     a = torch.randn(50, 7)
     torch.set_num_threads(1)
     try:
-        with common._numpy_blas_threads():
-            seen = [lib["num_threads"] for lib in common._blas_controller().info()
+        with symmetric.blas_threads_like_torch():
+            seen = [lib["num_threads"] for lib in symmetric.blas_controller().info()
                     if lib["user_api"] == "blas"]
-        g = common.gram(a)
+        g = symmetric.gram(a)
     finally:
         torch.set_num_threads(threads)
     assert seen and all(t == 1 for t in seen)
     assert torch.allclose(g, a @ a.T, rtol=1e-5, atol=1e-5)
-    after = [lib["num_threads"] for lib in common._blas_controller().info()
+    after = [lib["num_threads"] for lib in symmetric.blas_controller().info()
              if lib["user_api"] == "blas"]
     assert after == before                               # the pool is restored
 
@@ -369,7 +370,7 @@ def test_symmetric_gram_runs_numpy_blas_on_torch_threads():
 def test_side_by_side_grams_equal_one_at_a_time(threads):
     """Products of mixed sizes (one larger than the rest together, then several alike), in both
     dtypes, each equal to its own ``a aᵀ``; BLAS threads are restored afterwards."""
-    controller = common._blas_controller()
+    controller = symmetric.blas_controller()
     before = controller.info() if controller is not None else None
     gen = torch.Generator().manual_seed(3)
     mats = [torch.randn(300, 400, generator=gen, dtype=torch.float64)] + \
@@ -377,7 +378,7 @@ def test_side_by_side_grams_equal_one_at_a_time(threads):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = common.grams(mats)
+        out = symmetric.grams(mats)
     finally:
         torch.set_num_threads(saved)
     assert len(out) == len(mats)

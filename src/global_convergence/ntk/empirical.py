@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..linalg.symmetric import gram
 from . import common
 from .common import (
     batch_statistics_modules,
     chunk_slices,
-    gram,
     numerics_guard,
     pairwise_blocks,
     trainable_parameters,

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import common
-from .common import (BLOCK_ELEMENTS, gram, grams, output_matrix, pairwise_blocks,
-                     samples_per_chunk, zero_subnormals_)
+from ..linalg.symmetric import gram, grams
+from .common import (BLOCK_ELEMENTS, output_matrix, pairwise_blocks, samples_per_chunk,
+                     zero_subnormals_)
 from .jacobian import per_sample_jacobian
 from .plan import LayerPlan, StructureChanged, StructuredPlan, cached_plan
 
@@ -340,7 +341,7 @@ def _gram_layer_into(block: Tensor | None, ua: Tensor, da: Tensor, ub: Tensor, d
 
 def _symmetric_products(f: ChunkFeatures) -> tuple[Tensor | None, list[Products | None]]:
     """The chunk's own ``R Rᵀ`` (gradient rows) and ``(U Uᵀ, D Dᵀ)`` of its one-position layers,
-    formed side by side (:func:`.common.grams`)."""
+    formed side by side (:func:`global_convergence.linalg.symmetric.grams`)."""
     mats = [] if f.rows is None else [f.rows.reshape(-1, f.rows.shape[2])]
     for u, d in f.grams:
         if d.shape[2] == 1:

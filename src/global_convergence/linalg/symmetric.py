@@ -1,0 +1,94 @@
+"""Symmetric products ``a aᵀ`` of row matrices through a BLAS rank-k update.
+
+``a @ a.T`` in NumPy calls BLAS ``syrk``, which computes one triangle: half the multiply-adds of a
+general product. The NTK's per-layer Grams and the rank certificates' Gram matrices use it on the
+CPU. NumPy's BLAS keeps its own thread pool, so every call here runs on PyTorch's thread count
+(threadpoolctl, when installed).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+@functools.lru_cache(maxsize=1)
+def blas_controller() -> object | None:
+    """threadpoolctl's controller of the BLAS libraries loaded (NumPy's), or None without it."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:             # threadpoolctl comes with scikit-learn; optional here
+        return None
+    return ThreadpoolController()
+
+
+def blas_threads_like_torch() -> contextlib.AbstractContextManager:
+    """NumPy's BLAS limited to ``torch.get_num_threads()`` threads inside the block.
+
+    NumPy's BLAS keeps its own pool (one thread per core), blind to ``torch.set_num_threads``;
+    on a busy machine its spinning threads cost more CPU time than the product saves
+    (docs/performance.md, "Empirical NTK").
+    """
+    controller = blas_controller()
+    if controller is None:
+        return contextlib.nullcontext()
+    return controller.limit(limits=torch.get_num_threads(), user_api="blas")
+
+
+def gram(a: Tensor, b: Tensor | None = None) -> Tensor:
+    """``a bᵀ`` for row matrices (``a aᵀ`` when ``b`` is None).
+
+    On the CPU a symmetric product goes through NumPy, whose BLAS call for ``a @ a.T`` is a
+    rank-k update computing one triangle (half the multiply-adds of ``torch.mm``); measured
+    faster for the tall activation matrices of the ``mlp`` and for the wide gradient rows of
+    LeNet's convolutions alike (docs/performance.md). It runs on as many threads as PyTorch's
+    intra-op pool (:func:`blas_threads_like_torch`).
+    """
+    if (b is None and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+            and not a.requires_grad and a.dim() == 2):
+        with blas_threads_like_torch():
+            return _numpy_symmetric(a)
+    return a @ (a if b is None else b).T
+
+
+def _numpy_symmetric(a: Tensor) -> Tensor:
+    """``a aᵀ`` by NumPy's rank-k update (one triangle), on whatever BLAS threads are set."""
+    an = a.contiguous().numpy()
+    return torch.from_numpy(an @ an.T)
+
+
+@functools.lru_cache(maxsize=4)
+def _product_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """Python threads that run one symmetric product each (NumPy releases the GIL in BLAS)."""
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gconv-gram")
+
+
+def grams(mats: Sequence[Tensor]) -> list[Tensor]:
+    """``[a aᵀ for a in mats]``, the products side by side on the CPU.
+
+    The per-layer products of a structured NTK are small (``1000 × 300`` for the ``mlp``): one
+    BLAS call does not split well over cores, and NumPy's BLAS threads wait for cores that
+    PyTorch's idle threads still spin on. With ``t = torch.get_num_threads() > 1`` the products run
+    ``t`` at a time, each on one BLAS thread, largest first; a product costing more than all the
+    others together runs alone on ``t`` threads first.
+    """
+    threads = torch.get_num_threads()
+    eligible = all(a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+                   and not a.requires_grad and a.dim() == 2 for a in mats)
+    if threads <= 1 or len(mats) < 2 or not eligible or blas_controller() is None:
+        return [gram(a) for a in mats]
+    cost = [a.shape[0] ** 2 * a.shape[1] for a in mats]
+    order = sorted(range(len(mats)), key=cost.__getitem__, reverse=True)
+    out: list[Tensor | None] = [None] * len(mats)
+    if cost[order[0]] > sum(cost) - cost[order[0]]:
+        out[order[0]] = gram(mats[order[0]])
+        order = order[1:]
+    with blas_controller().limit(limits=1, user_api="blas"):
+        results = _product_pool(threads).map(lambda i: _numpy_symmetric(mats[i]), order)
+        for i, g in zip(order, results):
+            out[i] = g
+    return out  # type: ignore[return-value]
