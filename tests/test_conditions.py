@@ -85,7 +85,9 @@ def test_safe_exploration_lenet_per_output_and_duplicates(images):
     assert dup.methods == {"svd": 36, "qr": 36}            # decided from ϕ itself
     assert all(o["verdict"] == NOT_VERIFIED for o in dup.details["per_output"])
     checked = safe_exploration(model, images, q="random", cross_check=True)
-    assert checked.methods == {"cholesky": 40, "svd": 40, "qr": 40} and checked.agree
+    certificate = {"cholesky", "preconditioned_cholesky"} & set(checked.methods)
+    assert len(certificate) == 1 and checked.agree          # the certificate, then SVD and QR
+    assert checked.methods["svd"] == checked.methods["qr"] == 40
     assert [o["output"] for o in checked.details["per_output"]] == ["shared"]
 
 
@@ -406,5 +408,7 @@ def test_auto_mode_reports_where_the_budget_stops_it_and_full_mode_decides():
     assert auto["bound"] is None and "condition_verified" in auto["bound_withheld_because"]
     full = two_phase_certificate(model, x, loss, lr_used=None, mode="full", **GD)
     assert full["condition"]["verdict"] == VERIFIED
-    assert full["condition"]["methods"] == {"svd": 600, "qr": 600}
+    # the row preconditioner of a shifted Cholesky factor decides (no SVD of the features)
+    assert full["condition"]["methods"] == {"shift_preconditioned_cholesky": 600}
+    assert full["condition"]["route"] == "gram-cholesky+shift-preconditioned-gram-cholesky"
     assert "decide_offline" not in full["condition"]

@@ -95,9 +95,10 @@ def test_disagreeing_methods_are_inconclusive():
     assert decide(5, {"svd": 4, "qr": 4}, deciding=1e-20, tol=1e-10) == NOT_VERIFIED
 
 
-def test_gram_not_positive_definite_falls_back_to_the_factor():
+def test_gram_not_positive_definite_is_decided_without_the_gram_alone():
     """σ_min/σ_max = 1e-9: the Gram's smallest eigenvalue (1e-18 relative) is lost in its rounding
-    (eigvalsh gives the wrong rank), yet σ_min is far above the float64 tolerance."""
+    (eigvalsh gives the wrong rank), yet σ_min is far above the float64 tolerance: the shifted
+    Cholesky row preconditioner decides, or, without it, the factor route."""
     n, cols = 60, 150
     values = np.logspace(0, -9, n)
     a = with_singular_values(n, cols, values, seed=5)
@@ -110,10 +111,19 @@ def test_gram_not_positive_definite_falls_back_to_the_factor():
     assert eig.verdict == INCONCLUSIVE                         # a Gram alone cannot tell
     v = factor_rank_verdict(DenseFactor(a))
     assert v.verdict == VERIFIED and v.rank == n
-    assert v.methods == {"svd": n, "qr": n}
-    assert "factor-svd-qr" in v.details["route"] and "cholesky_failed_at" in v.details
-    assert v.smallest_kept == pytest.approx(1e-9, rel=1e-4)
-    skipped = factor_rank_verdict(DenseFactor(a), factor_memory_budget=1)
+    assert v.methods == {"shift_preconditioned_cholesky": n} and "cholesky_failed_at" in v.details
+    assert v.details["route"] == "gram-cholesky+shift-preconditioned-gram-cholesky"
+    assert RANK_BAND * v.tolerance < v.smallest_kept <= 1e-9       # a certified lower bound
+    # σ_n at 20·tol: beyond the band, but below what the shifted route can prove (its rounding,
+    # about n^1.5·u·σ_max, is a few tolerances): the factor route (SVD and pivoted QR) decides
+    values[-1] = 20 * tol
+    close = with_singular_values(n, cols, values, seed=5)
+    factor = factor_rank_verdict(DenseFactor(close))
+    assert factor.details["route"] == ("gram-cholesky+shift-preconditioned-gram-cholesky"
+                                       "+factor-svd-qr")
+    assert factor.verdict == VERIFIED and factor.methods == {"svd": n, "qr": n}
+    assert factor.smallest_kept == pytest.approx(20 * tol, rel=1e-3)
+    skipped = factor_rank_verdict(DenseFactor(close), factor_memory_budget=1)
     assert skipped.verdict == INCONCLUSIVE                     # no factor route: never a guess
 
 

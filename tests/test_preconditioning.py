@@ -7,6 +7,7 @@ import torch
 
 from global_convergence.linalg import (NOT_VERIFIED, RANK_BAND, VERIFIED, KhatriRaoFactor,
                                        factor_rank_verdict)
+from global_convergence.linalg import rank as rank_module
 from global_convergence.linalg.preconditioning import cap_side, precondition
 
 F64, F32 = torch.float64, torch.float32
@@ -55,9 +56,13 @@ def test_forming_error_bounds_the_rounding_of_the_preconditioned_factor():
 def test_preconditioned_certificate_decides_where_the_gram_certificate_fails():
     factor = _mean_dominated()
     v = factor_rank_verdict(factor, condition="safe-exploration")
-    assert v.details["route"] == "gram-cholesky+preconditioned-gram-cholesky"
-    assert "cholesky_failed_at" in v.details                    # the plain certificate failed
+    # it lowers the trace enough to go first; the plain certificate, tried alone, fails
+    assert v.details["route"] == "preconditioned-gram-cholesky"
     assert v.verdict == VERIFIED and v.methods == {"preconditioned_cholesky": 120}
+    plain: dict = {"notes": []}
+    tol = v.tolerance
+    assert not rank_module._gram_certificate(factor, tol, RANK_BAND, None, None, 0, plain)[
+        "certified"] and "cholesky_failed_at" in plain
     exact = float(torch.linalg.svdvals(factor.dense())[-1])
     assert RANK_BAND * v.tolerance < v.smallest_kept <= exact    # a sound lower bound on σ_n
     estimate = v.details["preconditioned"]["sigma_n_estimate"]

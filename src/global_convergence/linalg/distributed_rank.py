@@ -12,7 +12,10 @@ one machine cannot hold the lower triangle of ``ϕϕᵀ`` (21.5 GB in float64 at
   ``smallest_kept`` is the inverse-iteration estimate of ``σ_min``;
 * a breakdown (at the same row on every rank) falls back to the factor route (SVD and pivoted QR
   through TSQR) within ``factor_memory_budget``, run on rank 0 and broadcast; beyond it the
-  verdict is *inconclusive* with the certified rows as a lower bound.
+  verdict is *inconclusive* with the certified rows as a lower bound;
+* a Khatri–Rao factor's preconditioned certificate goes first where it lowers the trace enough
+  (:mod:`.preconditioning`); the row preconditioner of dense factors
+  (:mod:`.shift_preconditioning`) runs in one process only.
 
 Every rank of the group calls it with the same factor (each can rebuild ``Z`` and ``S``) and gets
 the same verdict; ``details`` add ``world_size``, the block width and the bytes each rank holds.
@@ -32,7 +35,8 @@ from .dense import cut, require_finite
 from .distributed_cholesky import Ranks, distributed_bytes, distributed_shifted_cholesky
 from .factors import KhatriRaoFactor, RowFactor
 from .preconditioning import PRECONDITION_MIN_GAIN, PreconditionedFactor, precondition
-from .rank import (FACTOR_MEMORY_BUDGET, GRAM_MEMORY_FRACTION, _assemble, _factor_values,
+from .factor_verdict import assemble_factor_verdict
+from .rank import (FACTOR_MEMORY_BUDGET, GRAM_MEMORY_FRACTION, _factor_values,
                    available_bytes, factor_rank_verdict, largest_gram_eigenvalue,
                    record_cholesky_outcome)
 from .tolerance import (CHOLESKY_SAFETY, RANK_BAND, cholesky_rounding_bound, gram_rounding_bound,
@@ -101,20 +105,20 @@ def distributed_factor_rank_verdict(factor: RowFactor, target: int | None = None
     route: list[str] = []
     cert = None
     if target == n and cols >= n and n > 0:
-        route.append(ROUTE)
         block = default_block(n, ranks.world) if block is None else int(block)
-        cert = _certificate(factor, tol, band, trace, memory_budget_per_rank, block, seed, ranks,
-                            details)
-        if cert["certified"]:
-            methods["cholesky"] = n
-        elif isinstance(factor, KhatriRaoFactor):
-            pre = _preconditioned_certificate(factor, tol, band, memory_budget_per_rank, block,
-                                              seed, ranks, details)
+        if isinstance(factor, KhatriRaoFactor):      # first, as in one process
+            cert = _preconditioned_certificate(factor, tol, band, memory_budget_per_rank, block,
+                                               seed, ranks, details)
             if "cholesky_shift" in details["preconditioned"]:            # it was tried
                 route.append("preconditioned-" + ROUTE)
-            if pre is not None:
+            if cert is not None:
                 methods["preconditioned_cholesky"] = n
-                cert = pre
+        if cert is None:
+            route.append(ROUTE)
+            cert = _certificate(factor, tol, band, trace, memory_budget_per_rank, block, seed,
+                                ranks, details)
+            if cert["certified"]:
+                methods["cholesky"] = n
     values = None
     if cross_check or cert is None or not cert["certified"]:
         values = _values_from_rank0(factor, factor_memory_budget, ranks)
@@ -126,8 +130,8 @@ def distributed_factor_rank_verdict(factor: RowFactor, target: int | None = None
             methods["svd"] = cut(values[0], tol).rank
             methods["qr"] = cut(values[1], tol).rank
     details["route"] = "+".join(route)
-    verdict = _assemble(condition, target, factor, factor.dtype, tol, band, methods, values, cert,
-                        details)
+    verdict = assemble_factor_verdict(condition, target, factor, factor.dtype, tol, band, methods,
+                                      values, cert, details)
     verdict.seconds["rank"] = time.perf_counter() - start
     if cert is not None and "wait_seconds" in cert:
         verdict.seconds["cholesky_wait"] = cert["wait_seconds"]   # this rank's, for panels
@@ -177,7 +181,8 @@ def _certificate(factor: RowFactor, tol: float, band: float, trace: float, budge
 def _preconditioned_certificate(factor: KhatriRaoFactor, tol: float, band: float,
                                 budget: int | None, block: int, seed: int, ranks: Ranks,
                                 details: dict[str, Any]) -> dict[str, Any] | None:
-    """The preconditioned certificate of :func:`.rank._gram_certificates` over the ranks: rank 0
+    """The preconditioned certificate of :func:`.rank._gram_certificates` (tried first where it
+    lowers the trace :data:`PRECONDITION_MIN_GAIN`-fold) over the ranks: rank 0
     computes ``fl(S C_S)``, ``fl(Z C_Z)`` and their bounds (:mod:`.preconditioning`) and
     broadcasts them, so every rank factorises the Gram of the same matrix."""
     figures = torch.zeros(4, dtype=torch.float64, device=factor.device)

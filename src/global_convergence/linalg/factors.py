@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .symmetric import gram as symmetric_gram
+
 GRAM_ROW_CHUNK = 4096
 """Rows of a Gram block computed at once (bounds the temporaries to ``GRAM_ROW_CHUNK × cols``)."""
 
@@ -113,6 +115,11 @@ class DenseFactor(RowFactor):
     def _gram_rows(self, r: slice, c: slice, out: Tensor) -> None:
         torch.matmul(self.a[r], self.a[c].T, out=out)
 
+    def gram(self) -> Tensor:
+        """``A Aᵀ`` in one rank-k update (one triangle, :mod:`.symmetric`) up to
+        :data:`GRAM_ROW_CHUNK` rows; in row blocks beyond."""
+        return symmetric_gram(self.a) if self.rows <= GRAM_ROW_CHUNK else super().gram()
+
     def gram_matvec(self, v: Tensor) -> Tensor:
         return self.a @ (self.a.T @ v)
 
@@ -167,6 +174,14 @@ class KhatriRaoFactor(RowFactor):
         else:
             torch.matmul(self.z[r], self.z[c].T, out=out)
         out.mul_(self.s[r] @ self.s[c].T)
+
+    def gram(self) -> Tensor:
+        """``(S Sᵀ) ⊙ (Z Zᵀ)`` from two rank-k updates (the shared ``Z Zᵀ`` when given) up to
+        :data:`GRAM_ROW_CHUNK` rows; in row blocks beyond."""
+        if self.rows > GRAM_ROW_CHUNK:
+            return super().gram()
+        return symmetric_gram(self.s).mul_(self.zz if self.zz is not None
+                                           else symmetric_gram(self.z))
 
     def gram_matvec(self, v: Tensor) -> Tensor:
         vec = v.dim() == 1

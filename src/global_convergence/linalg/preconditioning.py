@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .factors import KhatriRaoFactor
+from .factors import KhatriRaoFactor, RowFactor
 from .tolerance import gamma
 
 PRECONDITION_MIN_GAIN = 10.0
@@ -55,10 +55,12 @@ class CappedSide:
 
 @dataclass(frozen=True)
 class PreconditionedFactor:
-    """``fl(ϕC)`` as a Khatri–Rao factor, ``‖C‖₂ ≤ norm_bound``, ``‖fl(ϕC) − ϕC‖₂ ≤
-    forming_error``, and ``trace_ratio = tr(ϕϕᵀ) / tr(fl(ϕC) fl(ϕC)ᵀ)``."""
+    """A factor ``B̂`` with ``σ_n(ϕ) ≥ (σ_n(B̂) − forming_error) / norm_bound``, and
+    ``trace_ratio = tr(ϕϕᵀ) / tr(B̂B̂ᵀ)``. Here ``B̂ = fl(ϕC)``, a Khatri–Rao factor, with
+    ``‖C‖₂ ≤ norm_bound`` and ``‖fl(ϕC) − ϕC‖₂ ≤ forming_error``; the row preconditioner of a
+    dense factor (:mod:`.shift_preconditioning`) gives the same form."""
 
-    factor: KhatriRaoFactor
+    factor: RowFactor
     norm_bound: float
     forming_error: float
     trace_ratio: float

@@ -30,14 +30,16 @@ from .cholesky import (CHOLESKY_BLOCK, CholeskyFactor, CholeskyOutcome, blocked_
                        shifted_cholesky)
 from .dense import (cut, decide, pivoted_qr_diagonal, require_finite, singular_values,
                     spectrum_tail, target_value)
-from .factors import KhatriRaoFactor, RowFactor
-from .preconditioning import PRECONDITION_MIN_GAIN, precondition
+from .factor_verdict import assemble_factor_verdict
+from .factors import DenseFactor, KhatriRaoFactor, RowFactor
+from .preconditioning import PRECONDITION_MIN_GAIN, PreconditionedFactor, precondition
+from .shift_preconditioning import shift_precondition, shift_preconditioning_flops
 from .sketch import SketchBound, khatri_rao_sketch_bound, sketch_columns, sketch_flops
 from .spectrum import GramSpectrum
 from .tolerance import (CHOLESKY_SAFETY, RANK_BAND, cholesky_rounding_bound, gram_rounding_bound,
                         numpy_tolerance, precision_name)
 from .triangular import triangular_factor, tsqr_bytes
-from .verdict import INCONCLUSIVE, NOT_VERIFIED, VERIFIED, Verdict
+from .verdict import INCONCLUSIVE, Verdict
 
 FACTOR_MEMORY_BUDGET = 4 * 2**30
 """Default memory (4 GiB) the factor route (TSQR ``R``, its SVD and pivoted QR) may use; about
@@ -135,11 +137,13 @@ def dense_gram_eigenvalue(gram: Tensor, seed: int = 0) -> float:
 
 
 def _dense_cholesky(gram: Tensor, shift: float) -> CholeskyOutcome:
-    """Cholesky of ``gram − shift·I``, overwriting ``gram`` (the dense layout of
-    :func:`.cholesky.shifted_cholesky`, for a Gram matrix already formed)."""
+    """Cholesky of ``gram − shift·I`` (the dense layout of :func:`.cholesky.shifted_cholesky`,
+    for a Gram matrix already formed); ``gram`` is left as it was."""
     n = gram.shape[0]
+    diagonal = gram.diagonal().clone()
     gram.diagonal().sub_(shift)
     lower, info = torch.linalg.cholesky_ex(gram)
+    gram.diagonal().copy_(diagonal)
     if int(info) != 0:
         return CholeskyOutcome(None, int(info) - 1)
     return CholeskyOutcome(CholeskyFactor([(0, lower)], n, shift), None)
@@ -227,36 +231,72 @@ def _bounded_factor_values(factor: RowFactor, memory: int, flops: float | None,
 
 def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int | None,
                        block: int | None, seed: int, details: dict[str, Any], gram: Tensor | None,
-                       route: list[str], methods: dict[str, int], tighten: bool = True
-                       ) -> dict[str, Any]:
-    """The Gram certificate; where it fails for a Khatri–Rao factor whose column preconditioner
-    (:mod:`.preconditioning`) lowers the trace — and the rounding floor — by
-    :data:`PRECONDITION_MIN_GAIN` or more, the preconditioned certificate:
-    ``σ_n(ϕ) ≥ (σ_n(fl(ϕC)) − ‖fl(ϕC) − ϕC‖₂) / ‖C‖₂``, so ``fl(ϕC)`` is certified against
-    ``tol·‖C‖₂ + error/band``, which puts the bound on ``σ_n(ϕ)`` above ``band·tol``."""
+                       route: list[str], methods: dict[str, int], tighten: bool = True,
+                       flops: float | None = None) -> dict[str, Any]:
+    """The Gram certificate, and the preconditioned ones where it cannot decide.
+
+    For a Khatri–Rao factor whose column preconditioner (:mod:`.preconditioning`) lowers the
+    trace — and the rounding floor — by :data:`PRECONDITION_MIN_GAIN` or more, the preconditioned
+    certificate goes first (the plain one is then the fallback): ``σ_n(ϕ) ≥ (σ_n(B̂) − error) /
+    ‖C‖₂``, so ``B̂ = fl(ϕC)`` is certified against ``tol·‖C‖₂ + error/band``, which puts the bound
+    on ``σ_n(ϕ)`` above ``band·tol``. For a dense factor whose plain certificate fails, the row
+    preconditioner of a shifted Cholesky factor (:mod:`.shift_preconditioning`), within
+    ``flops``."""
+    pre = precondition(factor) if isinstance(factor, KhatriRaoFactor) else None
+    first = pre is not None and pre.trace_ratio >= PRECONDITION_MIN_GAIN
+    if first:
+        cert = _preconditioned_certificate(pre, "preconditioned", tol, band, budget, block, seed,
+                                           details, route, methods, tighten)
+        if cert["certified"]:
+            return cert
     route.append("gram-cholesky")
     cert = _gram_certificate(factor, tol, band, budget, block, seed, details, gram)
     if cert["certified"]:
         methods["cholesky"] = factor.rows
-    if cert["certified"] or not isinstance(factor, KhatriRaoFactor):
         return cert
-    pre = precondition(factor)
-    record = details["preconditioned"] = {**pre.to_dict(), "notes": []}
-    if pre.trace_ratio < PRECONDITION_MIN_GAIN:
-        record.pop("notes")
-        record["skipped"] = f"it lowers the trace only {pre.trace_ratio:.3g}-fold"
-        return cert
-    route.append("preconditioned-gram-cholesky")
-    pre_cert = _gram_certificate(pre.factor, pre.tolerance_for(tol, band), band, budget, block,
-                                 seed, record)
+    if pre is not None and not first:
+        details["preconditioned"] = {**pre.to_dict(),
+                                     "skipped": f"it lowers the trace only "
+                                                f"{pre.trace_ratio:.3g}-fold"}
+    if isinstance(factor, DenseFactor) and gram is not None:
+        cost = shift_preconditioning_flops(factor.rows, factor.cols)
+        if flops is not None and cost > flops:
+            details["shift_preconditioned"] = {"skipped": {"flops": cost, "flops_budget": flops}}
+            return cert
+        shifted = shift_precondition(factor, gram, details["gram_rounding_bound"])
+        if shifted is None:
+            details["shift_preconditioned"] = {"skipped": "the shifted factor's bound on "
+                                                          "σ_min(L̂) is not positive"}
+            return cert
+        pre_cert = _preconditioned_certificate(shifted, "shift-preconditioned", tol, band,
+                                               budget, block, seed, details, route, methods,
+                                               tighten)
+        if pre_cert["certified"]:
+            return pre_cert
+    return cert
+
+
+def _preconditioned_certificate(pre: PreconditionedFactor, name: str, tol: float, band: float,
+                                budget: int | None, block: int | None, seed: int,
+                                details: dict[str, Any], route: list[str],
+                                methods: dict[str, int], tighten: bool) -> dict[str, Any]:
+    """The Gram certificate of ``pre.factor`` turned into one of the original factor; its
+    figures in ``details[name]`` (``-`` as ``_``), the route ``name-gram-cholesky``, the method
+    ``name_cholesky``. Without a flop cap (``tighten``) a second factorisation tightens the
+    bound (:meth:`.PreconditionedFactor.tightened`)."""
+    key = name.replace("-", "_")
+    record = details[key] = {**pre.to_dict(), "notes": []}
+    route.append(name + "-gram-cholesky")
+    cert = _gram_certificate(pre.factor, pre.tolerance_for(tol, band), band, budget, block, seed,
+                             record)
     details["notes"].extend(record.pop("notes"))
-    if not pre_cert["certified"]:
+    if not cert["certified"]:
         return cert
-    methods["preconditioned_cholesky"] = factor.rows
+    methods[key + "_cholesky"] = pre.factor.rows
     if tighten:
-        pre_cert = pre.tightened(pre_cert, lambda t, rec: _gram_certificate(
+        cert = pre.tightened(cert, lambda t, rec: _gram_certificate(
             pre.factor, t, band, budget, block, seed, rec), band, record)
-    return pre.result_for_phi(pre_cert, record)
+    return {**pre.result_for_phi(cert, record), "kind": name}
 
 
 def _try_sketch(factor: RowFactor, tol: float, band: float, memory: int, flops: float | None,
@@ -332,7 +372,8 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     cert = None
     if certify:
         cert = _gram_certificates(factor, tol, band, gram_memory_budget, block, seed, details,
-                                  gram, route, methods, tighten=fallback_flops is None)
+                                  gram, route, methods, tighten=fallback_flops is None,
+                                  flops=fallback_flops)
         del gram
     if certify and not cert["certified"]:
         sketch = _try_sketch(factor, tol, band, factor_memory_budget, fallback_flops, seed,
@@ -351,63 +392,10 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
             methods["svd"] = cut(values[0], tol).rank
             methods["qr"] = cut(values[1], tol).rank
     details["route"] = "+".join(route)
-    verdict = _assemble(condition, target, factor, dtype, tol, band, methods, values, cert,
+    verdict = assemble_factor_verdict(condition, target, factor, dtype, tol, band, methods, values, cert,
                         details)
     verdict.seconds["rank"] = time.perf_counter() - start
     return verdict
-
-
-def _assemble(condition: str, target: int, factor: RowFactor, dtype: torch.dtype, tol: float,
-              band: float, methods: dict[str, int], values: tuple[np.ndarray, np.ndarray] | None,
-              cert: dict[str, Any] | None, details: dict[str, Any]) -> Verdict:
-    """Combine the methods' results into one verdict (see the module docstring)."""
-    bounds = details.pop("sketch_lower_bounds", None)
-    common = dict(condition=condition, n=target, tolerance=tol, precision=precision_name(dtype),
-                  shape=factor.shape, details=details)
-    if values is not None:
-        svd = cut(values[0], tol)
-        deciding = target_value(values[0], target)
-        details["margin"] = deciding / tol if tol > 0 else None
-        details["spectrum"] = spectrum_tail(values[0], "singular values (SVD of the factor)")
-        return Verdict(verdict=decide(target, methods, deciding, tol, band), rank=svd.rank,
-                       smallest_kept=svd.smallest_kept, largest_dropped=svd.largest_dropped,
-                       methods=methods, agree=len(set(methods.values())) == 1, **common)
-    if cert is not None and cert.get("sketch") is not None:
-        details["margin"] = cert["lower"] / tol if tol > 0 else None
-        details["spectrum"] = {**spectrum_tail(bounds, "certified lower bounds σ_i(ϕΩ)/‖Ω‖₂ "
-                                                       "(Khatri–Rao sketch)"),
-                               "certified": True}
-        return Verdict(verdict=VERIFIED, rank=factor.rows, smallest_kept=cert["lower"],
-                       largest_dropped=None, methods=methods, agree=True, **common)
-    if cert is not None and cert.get("preconditioned"):
-        details["margin"] = cert["lower"] / tol if tol > 0 else None
-        details["spectrum"] = {"kind": "preconditioned Gram certificate: σ_max, and at n the "
-                                       "certified lower bound (σ_n(ϕC) − error)/‖C‖₂ and the "
-                                       "estimate σ_n(ϕC)/‖C‖₂ by inverse iteration",
-                               "index": [1, target, target],
-                               "values": [details["sigma_max"], cert["lower"], cert["estimate"]],
-                               "certified_lower_bound": cert["lower"], "certified": True}
-        return Verdict(verdict=VERIFIED, rank=factor.rows, smallest_kept=cert["lower"],
-                       largest_dropped=None, methods=methods, agree=True, **common)
-    if cert is not None and cert["certified"]:
-        details["margin"] = cert["lower"] / tol if tol > 0 else None
-        details["spectrum"] = {"kind": "Gram certificate: σ_max, and at n the certified lower "
-                                       "bound and the inverse-iteration estimate of σ_n",
-                               "index": [1, target, target],
-                               "values": [details["sigma_max"], cert["lower"], cert["estimate"]],
-                               "certified_lower_bound": cert["lower"]}
-        return Verdict(verdict=VERIFIED, rank=factor.rows, smallest_kept=cert["estimate"],
-                       largest_dropped=None, methods=methods, agree=True, **common)
-    if factor.cols < target:
-        details["notes"].append(f"{factor.cols} columns < target {target}: the rank cannot "
-                                "reach it")
-        return Verdict(verdict=NOT_VERIFIED, rank=factor.cols, smallest_kept=None,
-                       largest_dropped=None, methods={"dimension_bound": factor.cols}, agree=True,
-                       **common)
-    lower = (cert or {}).get("failed_at") or 0
-    details["rank_is"] = "a certified lower bound (rows before the Cholesky breakdown)"
-    return Verdict(verdict=INCONCLUSIVE, rank=lower, smallest_kept=None, largest_dropped=None,
-                   methods={"cholesky_lower_bound": lower}, agree=True, **common)
 
 
 def gram_rank_verdict(gram: Tensor, shape: tuple[int, int] | list[int], *,
