@@ -28,6 +28,8 @@ Everything is bounded, so a certificate on the preconditioned factor is a proof 
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,24 @@ from .tolerance import gamma
 PRECONDITION_MIN_GAIN = 10.0
 """The preconditioned certificate is tried only when it lowers ``tr(ϕϕᵀ)`` — and with it the
 rounding floor of the Gram certificate — by at least this factor."""
+
+
+SMALL_EIGH = 2048
+"""Eigendecompositions of at most this many columns run on one thread (:func:`_one_thread`)."""
+
+
+@contextlib.contextmanager
+def _one_thread(active: bool = True) -> Iterator[None]:
+    """PyTorch on one intra-op thread inside the block (when ``active``): a small
+    eigendecomposition's thread barriers cost more than its work, and on a shared machine, where
+    another process holds a core, many times more."""
+    saved = torch.get_num_threads()
+    if active:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 @dataclass(frozen=True)
@@ -102,7 +122,8 @@ def cap_side(m: Tensor) -> CappedSide:
     ``c`` the mean of the eigenvalues not above their mean (module docstring); bounds in ``m``'s
     precision."""
     cols, dtype = m.shape[1], m.dtype
-    lam, q = torch.linalg.eigh(m.T @ m)
+    with _one_thread(cols <= SMALL_EIGH):
+        lam, q = torch.linalg.eigh(m.T @ m)
     lam_plus = lam.clamp_min(0)
     below = lam_plus[lam_plus <= lam_plus.mean()]
     cap = float(below.mean())

@@ -5,7 +5,10 @@
 1. **Gram certificate (fast path).** Shifted Cholesky of ``Ĝ = A Aᵀ`` (:mod:`.cholesky`) with
    ``μ = CHOLESKY_SAFETY·(δ_G + c_chol) + (RANK_BAND·tol)²``. Success proves
    ``σ_min(A) ≥ √(μ − δ_G − c_chol) ≥ RANK_BAND·tol``: *verified* with a margin. ``n³/3`` flops,
-   and the dense ``A`` never needs to exist.
+   and the dense ``A`` never needs to exist. Where its rounding floor hides ``λ_min``, the same
+   certificate of a preconditioned factor: ``ϕC`` for a Khatri–Rao ``ϕ`` (:mod:`.preconditioning`,
+   first when it lowers the trace enough), ``L̂⁻¹A`` for a dense ``A``
+   (:mod:`.shift_preconditioning`).
 2. **Factor route (fallback, or cross-check on request).** A Gram matrix squares the condition
    number: when ``Ĝ`` is not clearly positive definite its smallest eigenvalues are rounding
    (e.g. ``λ_min = −4e−13`` while the SVD of ``A`` has full rank). Then the rank is decided from
