@@ -63,7 +63,7 @@ class FeatureMap:
             weight = _linear_matrix(tensors, self.right.shape[1])
             return self.right @ weight.T
         pre = torch.einsum("il,jkl->jik", self.right, tensors[0])
-        return (pre * self.left).sum(dim=2).T
+        return pre.mul_(self.left).sum(dim=2).T
 
     def transpose(self, c: torch.Tensor) -> list[torch.Tensor]:
         """``Φᵀ c`` as parameter-shaped tensors, for coefficients ``c`` of shape (n, m_y)."""
