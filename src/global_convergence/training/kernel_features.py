@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..losses import Loss
 from ..models import GatedHead
+from ..ntk.common import _numpy_blas_threads, gram
 
 DTYPE = torch.float64
 """Precision of the engine's kernel, factors and coefficients."""
@@ -39,12 +41,20 @@ class FeatureMap:
     def n(self) -> int:
         return self.right.shape[0]
 
-    def kernel(self) -> torch.Tensor:
-        """``K_j = Φ_j Φ_jᵀ`` of shape (q, n, n)."""
-        gram = self.right @ self.right.T
+    def kernel(self, extra: int = 0) -> torch.Tensor:
+        """``K_j = Φ_j Φ_jᵀ`` in the leading n columns of a (q, n, n + extra) tensor; the last
+        ``extra`` columns are left unset for the caller (the engine's widened kernel is allocated
+        once at its final size). ``K = R Rᵀ`` for a linear head; ``K_j = (A_j A_jᵀ) ⊙ (Z Zᵀ)`` for
+        EE ([K22] §3.2), each ``A_j A_jᵀ`` written into its slice and scaled there in place."""
+        q = 1 if self.left is None else len(self.left)
+        out = self.right.new_empty(q, self.n, self.n + extra)
         if self.left is None:
-            return gram[None]
-        return torch.bmm(self.left, self.left.transpose(1, 2)) * gram
+            symmetric_into(self.right, out[0, :, :self.n])
+            return out
+        z_gram = gram(self.right)
+        for j in range(q):
+            symmetric_into(self.left[j], out[j, :, :self.n]).mul_(z_gram)
+        return out
 
     def outputs(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``Φ w`` (n, m_y) for parameter-shaped ``tensors`` (the weights, or a momentum buffer)."""
@@ -53,7 +63,7 @@ class FeatureMap:
             weight = _linear_matrix(tensors, self.right.shape[1])
             return self.right @ weight.T
         pre = torch.einsum("il,jkl->jik", self.right, tensors[0])
-        return (pre * self.left).sum(dim=2).T
+        return pre.mul_(self.left).sum(dim=2).T
 
     def transpose(self, c: torch.Tensor) -> list[torch.Tensor]:
         """``Φᵀ c`` as parameter-shaped tensors, for coefficients ``c`` of shape (n, m_y)."""
@@ -62,6 +72,20 @@ class FeatureMap:
             return _split_linear(weight, self.params)
         scaled = self.left * c.T[:, :, None]               # (m_y, n, m_H)
         return [torch.bmm(scaled.transpose(1, 2), self.right.expand(len(scaled), -1, -1))]
+
+
+def symmetric_into(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out ← a aᵀ`` for a row matrix ``a`` (n, k) and an (n, n) ``out`` with unit column stride
+    (a slice of a wider tensor). On the CPU this is NumPy's rank-k update, as in
+    :func:`~global_convergence.ntk.common.gram` (one triangle, half the multiply-adds of a general
+    product), written straight into ``out``; elsewhere a torch product copied in."""
+    if (a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and out.dtype == a.dtype
+            and out.device.type == "cpu" and out.stride(-1) == 1 and a.dim() == 2):
+        an = a.detach().contiguous().numpy()
+        with _numpy_blas_threads():
+            np.matmul(an, an.T, out=out.detach().numpy())
+        return out
+    return out.copy_(a @ a.T)
 
 
 def _linear_matrix(tensors: list[torch.Tensor], width: int) -> torch.Tensor:

@@ -138,11 +138,18 @@ class KernelSteps:
             f_w = self.map.outputs(state["anchor"])
             momentum = state["anchor_momentum"]
             f_m = self.map.outputs(momentum) if momentum is not None else torch.zeros_like(f_w)
-            kernel = self.map.kernel()
-            if self.shared:
-                return torch.cat([kernel[0], f_w, f_m, kernel[0] @ self.targets], dim=1)
-            f_t = torch.bmm(kernel, self.targets.T[:, :, None])[:, :, 0]
-            return torch.cat([kernel, f_w.T[:, :, None], f_m.T[:, :, None], f_t[:, :, None]], dim=2)
+            n, m = self.n, self.m
+            if self.shared:             # the columns after K: Φw_τ, Φm_τ, K T, m_y of each
+                wide = self.map.kernel(extra=3 * m)[0]
+                kernel, tail = wide[:, :n], wide[:, n:].view(n, 3, m)
+                tail[:, 0], tail[:, 1] = f_w, f_m
+                tail[:, 2] = kernel @ self.targets
+                return wide
+            wide = self.map.kernel(extra=3)
+            wide[:, :, n], wide[:, :, n + 1] = f_w.T, f_m.T
+            for j in range(m):          # K_j T_j on the kernel's own slice: no copy of it
+                wide[j, :, n + 2] = torch.mv(wide[j, :, :n], self.targets[:, j])
+            return wide
 
     def _pack(self, coef: torch.Tensor, scale: list[float]) -> torch.Tensor:
         """``C`` (P, m_y): coefficients ``d`` (n, m_y) on top, then the scales ``[α, γ, τ]`` (as
