@@ -9,8 +9,9 @@ from torch import nn
 
 from global_convergence.losses import make_loss
 from global_convergence.models import GatedHead
-from global_convergence.training.kernel_features import (FeatureMap, ee_feature_map, linear_feature_map,
-                                                         symmetric_into)
+from global_convergence.linalg.symmetric import symmetric_into
+from global_convergence.training.kernel_features import (FeatureMap, ee_feature_map,
+                                                         linear_feature_map)
 from global_convergence.training.kernel_steps import KernelSteps
 
 N, IN, WIDTH = 50, 7, 11

@@ -12,6 +12,7 @@ import contextlib
 import functools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -92,3 +93,17 @@ def grams(mats: Sequence[Tensor]) -> list[Tensor]:
         for i, g in zip(order, results):
             out[i] = g
     return out  # type: ignore[return-value]
+
+
+def symmetric_into(a: Tensor, out: Tensor) -> Tensor:
+    """``out ← a aᵀ`` for a row matrix ``a`` (n, k) and an (n, n) ``out`` with unit column stride
+    (a slice of a wider tensor). On the CPU this is NumPy's rank-k update, as in
+    :func:`gram` (one triangle, half the multiply-adds of a general product), written straight
+    into ``out``; elsewhere a torch product copied in."""
+    if (a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and out.dtype == a.dtype
+            and out.device.type == "cpu" and out.stride(-1) == 1 and a.dim() == 2):
+        an = a.detach().contiguous().numpy()
+        with blas_threads_like_torch():
+            np.matmul(an, an.T, out=out.detach().numpy())
+        return out
+    return out.copy_(a @ a.T)

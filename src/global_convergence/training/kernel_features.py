@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..losses import Loss
 from ..models import GatedHead
-from ..ntk.common import _numpy_blas_threads, gram
+from ..linalg.symmetric import gram, symmetric_into
 
 DTYPE = torch.float64
 """Precision of the engine's kernel, factors and coefficients."""
@@ -72,20 +71,6 @@ class FeatureMap:
             return _split_linear(weight, self.params)
         scaled = self.left * c.T[:, :, None]               # (m_y, n, m_H)
         return [torch.bmm(scaled.transpose(1, 2), self.right.expand(len(scaled), -1, -1))]
-
-
-def symmetric_into(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out ← a aᵀ`` for a row matrix ``a`` (n, k) and an (n, n) ``out`` with unit column stride
-    (a slice of a wider tensor). On the CPU this is NumPy's rank-k update, as in
-    :func:`~global_convergence.ntk.common.gram` (one triangle, half the multiply-adds of a general
-    product), written straight into ``out``; elsewhere a torch product copied in."""
-    if (a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and out.dtype == a.dtype
-            and out.device.type == "cpu" and out.stride(-1) == 1 and a.dim() == 2):
-        an = a.detach().contiguous().numpy()
-        with _numpy_blas_threads():
-            np.matmul(an, an.T, out=out.detach().numpy())
-        return out
-    return out.copy_(a @ a.T)
 
 
 def _linear_matrix(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
