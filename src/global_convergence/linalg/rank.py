@@ -56,8 +56,9 @@ GRAM_MEMORY_FRACTION = 0.9
 """Fraction of the available memory the blocked factorisation may take by default."""
 LANCZOS_TOL = 1e-8
 """Relative accuracy of ``λ_max(G)`` (``σ_max²``, which sets the tolerance)."""
-LANCZOS_VECTORS = 12
-"""Lanczos basis size (``ncv``): enough for one restart when the top eigenvalue is separated."""
+LANCZOS_VECTORS = 6
+"""Lanczos basis size (``ncv``): a separated top eigenvalue (the mean direction of trained
+features) converges within the first basis; ARPACK restarts otherwise."""
 TSQR_MIN_COLUMNS = 4096
 """Columns per TSQR chunk at least (fewer, larger QR calls; per-call overhead dominates small
 ones), memory permitting; otherwise ``rows`` columns."""

@@ -68,8 +68,9 @@ def _product_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gconv-gram")
 
 
-def grams(mats: Sequence[Tensor]) -> list[Tensor]:
-    """``[a aᵀ for a in mats]``, the products side by side on the CPU.
+def grams(mats: Sequence[Tensor], outs: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """``[a aᵀ for a in mats]``, the products side by side on the CPU; written into ``outs``
+    (as :func:`symmetric_into` does) when given.
 
     The per-layer products of a structured NTK are small (``1000 × 300`` for the ``mlp``): one
     BLAS call does not split well over cores, and NumPy's BLAS threads wait for cores that
@@ -77,22 +78,30 @@ def grams(mats: Sequence[Tensor]) -> list[Tensor]:
     ``t`` at a time, each on one BLAS thread, largest first; a product costing more than all the
     others together runs alone on ``t`` threads first.
     """
+    def one(i: int) -> Tensor:        # on the BLAS threads the caller set
+        if outs is None:
+            return _numpy_symmetric(mats[i])
+        if _numpy_writes(mats[i], outs[i]):
+            return _numpy_symmetric_into(mats[i], outs[i])
+        return outs[i].copy_(mats[i] @ mats[i].T)
+
     threads = torch.get_num_threads()
     eligible = all(a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
                    and not a.requires_grad and a.dim() == 2 for a in mats)
     if threads <= 1 or len(mats) < 2 or not eligible or blas_controller() is None:
-        return [gram(a) for a in mats]
+        return [gram(a) if outs is None else symmetric_into(a, o)
+                for a, o in zip(mats, outs or mats)]
     cost = [a.shape[0] ** 2 * a.shape[1] for a in mats]
     order = sorted(range(len(mats)), key=cost.__getitem__, reverse=True)
-    out: list[Tensor | None] = [None] * len(mats)
+    done: list[Tensor | None] = [None] * len(mats)
     if cost[order[0]] > sum(cost) - cost[order[0]]:
-        out[order[0]] = gram(mats[order[0]])
+        with blas_threads_like_torch():
+            done[order[0]] = one(order[0])
         order = order[1:]
     with blas_controller().limit(limits=1, user_api="blas"):
-        results = _product_pool(threads).map(lambda i: _numpy_symmetric(mats[i]), order)
-        for i, g in zip(order, results):
-            out[i] = g
-    return out  # type: ignore[return-value]
+        for i, g in zip(order, _product_pool(threads).map(one, order)):
+            done[i] = g
+    return done  # type: ignore[return-value]
 
 
 def symmetric_into(a: Tensor, out: Tensor) -> Tensor:
@@ -100,10 +109,20 @@ def symmetric_into(a: Tensor, out: Tensor) -> Tensor:
     (a slice of a wider tensor). On the CPU this is NumPy's rank-k update, as in
     :func:`gram` (one triangle, half the multiply-adds of a general product), written straight
     into ``out``; elsewhere a torch product copied in."""
-    if (a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and out.dtype == a.dtype
-            and out.device.type == "cpu" and out.stride(-1) == 1 and a.dim() == 2):
-        an = a.detach().contiguous().numpy()
+    if _numpy_writes(a, out):
         with blas_threads_like_torch():
-            np.matmul(an, an.T, out=out.detach().numpy())
-        return out
+            return _numpy_symmetric_into(a, out)
     return out.copy_(a @ a.T)
+
+
+def _numpy_writes(a: Tensor, out: Tensor) -> bool:
+    return (a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+            and out.dtype == a.dtype and out.device.type == "cpu" and out.stride(-1) == 1
+            and a.dim() == 2)
+
+
+def _numpy_symmetric_into(a: Tensor, out: Tensor) -> Tensor:
+    """``out ← a aᵀ`` by NumPy, on whatever BLAS threads are set."""
+    an = a.detach().contiguous().numpy()
+    np.matmul(an, an.T, out=out.detach().numpy())
+    return out

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..losses import Loss
 from ..models import GatedHead
-from ..linalg.symmetric import gram, symmetric_into
+from ..linalg.symmetric import gram, grams, symmetric_into
 
 DTYPE = torch.float64
 """Precision of the engine's kernel, factors and coefficients."""
@@ -44,15 +44,16 @@ class FeatureMap:
         """``K_j = Φ_j Φ_jᵀ`` in the leading n columns of a (q, n, n + extra) tensor; the last
         ``extra`` columns are left unset for the caller (the engine's widened kernel is allocated
         once at its final size). ``K = R Rᵀ`` for a linear head; ``K_j = (A_j A_jᵀ) ⊙ (Z Zᵀ)`` for
-        EE ([K22] §3.2), each ``A_j A_jᵀ`` written into its slice and scaled there in place."""
+        EE ([K22] §3.2), the ``A_j A_jᵀ`` written side by side into their slices
+        (:func:`~global_convergence.linalg.symmetric.grams`) and scaled there in place."""
         q = 1 if self.left is None else len(self.left)
         out = self.right.new_empty(q, self.n, self.n + extra)
         if self.left is None:
             symmetric_into(self.right, out[0, :, :self.n])
             return out
         z_gram = gram(self.right)
-        for j in range(q):
-            symmetric_into(self.left[j], out[j, :, :self.n]).mul_(z_gram)
+        for k_j in grams(list(self.left), [out[j, :, :self.n] for j in range(q)]):
+            k_j.mul_(z_gram)
         return out
 
     def outputs(self, tensors: list[torch.Tensor]) -> torch.Tensor:
