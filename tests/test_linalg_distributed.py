@@ -336,10 +336,10 @@ def test_gconv_verify_on_two_ranks_reports_the_one_process_verdict(tmp_path, cap
         assert p.returncode == 0, f"rank {r} failed:\n{logs[r].read_text()[-4000:]}"
     assert outputs[1] == ""                       # only rank 0 reports
     two = json.loads(outputs[0])
-    # features at initialisation: the preconditioned certificate goes first and decides
+    # features at initialisation: the plain certificate decides
     assert (two["world_size"], two["route"], layout(two)) == (
-        WORLD, "preconditioned-gram-cholesky-distributed", "distributed-blocked")
-    assert one["route"] == "preconditioned-gram-cholesky" and "world_size" not in one
+        WORLD, "gram-cholesky-distributed", "distributed-blocked")
+    assert one["route"] == "gram-cholesky" and "world_size" not in one
     assert_same_verdict(two, one, 1e-6, LANCZOS_RTOL)
     assert two["verdict"] == "verified" and two["q"] == one["q"]
 

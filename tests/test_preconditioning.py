@@ -8,7 +8,8 @@ import torch
 from global_convergence.linalg import (NOT_VERIFIED, RANK_BAND, VERIFIED, KhatriRaoFactor,
                                        factor_rank_verdict)
 from global_convergence.linalg import rank as rank_module
-from global_convergence.linalg.preconditioning import cap_side, precondition
+from global_convergence.linalg.preconditioning import (PRECONDITION_FIRST_GAIN, PRECONDITION_MIN_GAIN,
+                                                      cap_side, precondition)
 
 F64, F32 = torch.float64, torch.float32
 
@@ -99,3 +100,22 @@ def test_preconditioning_never_hides_dependent_rows():
     assert v.verdict == NOT_VERIFIED and v.rank == 119
     assert "preconditioned_cholesky" not in v.methods
     assert math.isfinite(v.details["preconditioned"]["trace_ratio"])
+
+
+def test_a_moderate_gain_tries_the_preconditioned_certificate_after_the_plain_one():
+    """Gates near 0.5 and inputs on a moderate common mean (gain 3e3 < PRECONDITION_FIRST_GAIN),
+    one pair of rows 1e-3 apart: the plain certificate goes first and fails, the preconditioned
+    one then decides with a sound bound."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(480, 22, generator=g, dtype=F64) + 10 * torch.rand(22, generator=g, dtype=F64)
+    s = 0.5 + 0.05 * torch.randn(480, 22, generator=g, dtype=F64)
+    z[7] = z[3] + 1e-3 * torch.randn(22, generator=g, dtype=F64)
+    s[7] = s[3]
+    factor = KhatriRaoFactor(s, z)
+    assert PRECONDITION_MIN_GAIN <= precondition(factor).trace_ratio < PRECONDITION_FIRST_GAIN
+    v = factor_rank_verdict(factor, condition="safe-exploration")
+    assert v.details["route"] == "gram-cholesky+preconditioned-gram-cholesky"
+    assert "cholesky_failed_at" in v.details
+    assert v.verdict == VERIFIED and v.methods == {"preconditioned_cholesky": 480}
+    exact = float(torch.linalg.svdvals(factor.dense())[-1])
+    assert RANK_BAND * v.tolerance < v.smallest_kept <= exact

@@ -45,8 +45,8 @@ def test_sketch_decides_where_the_gram_certificate_fails():
     v = factor_rank_verdict(factor, condition="safe-exploration")
     assert "gram-cholesky" in v.details["route"] and "cholesky" not in v.methods
     # no factor route spent; the preconditioned certificate cannot help near-duplicate rows
-    # (σ_n itself is tiny): it breaks down at the second of them, and so does the plain one
-    assert v.details["route"] == ("preconditioned-gram-cholesky+gram-cholesky"
+    # (σ_n itself is tiny): it breaks down at the second of them
+    assert v.details["route"] == ("gram-cholesky+preconditioned-gram-cholesky"
                                   "+khatri-rao-sketch")
     assert "cholesky_failed_at" in v.details
     assert v.details["preconditioned"]["cholesky_failed_at"] == 1

@@ -34,7 +34,8 @@ from .cholesky import CHOLESKY_BLOCK
 from .dense import cut, require_finite
 from .distributed_cholesky import Ranks, distributed_bytes, distributed_shifted_cholesky
 from .factors import KhatriRaoFactor, RowFactor
-from .preconditioning import PRECONDITION_MIN_GAIN, PreconditionedFactor, precondition
+from .preconditioning import (PRECONDITION_FIRST_GAIN, PRECONDITION_MIN_GAIN, PreconditionedFactor,
+                              precondition)
 from .factor_verdict import assemble_factor_verdict
 from .rank import (FACTOR_MEMORY_BUDGET, GRAM_MEMORY_FRACTION, _factor_values,
                    available_bytes, factor_rank_verdict, largest_gram_eigenvalue,
@@ -106,19 +107,29 @@ def distributed_factor_rank_verdict(factor: RowFactor, target: int | None = None
     cert = None
     if target == n and cols >= n and n > 0:
         block = default_block(n, ranks.world) if block is None else int(block)
-        if isinstance(factor, KhatriRaoFactor):      # first, as in one process
-            cert = _preconditioned_certificate(factor, tol, band, memory_budget_per_rank, block,
-                                               seed, ranks, details)
+        pre = _broadcast_preconditioned(factor, ranks) \
+            if isinstance(factor, KhatriRaoFactor) else None
+
+        def try_preconditioned() -> dict[str, Any] | None:
+            found = _preconditioned_certificate(pre, tol, band, memory_budget_per_rank, block,
+                                                seed, ranks, details)
             if "cholesky_shift" in details["preconditioned"]:            # it was tried
                 route.append("preconditioned-" + ROUTE)
-            if cert is not None:
+            if found is not None:
                 methods["preconditioned_cholesky"] = n
+            return found
+
+        first = pre is not None and pre.trace_ratio >= PRECONDITION_FIRST_GAIN
+        if first:                                    # in the order one process takes
+            cert = try_preconditioned()
         if cert is None:
             route.append(ROUTE)
             cert = _certificate(factor, tol, band, trace, memory_budget_per_rank, block, seed,
                                 ranks, details)
             if cert["certified"]:
                 methods["cholesky"] = n
+            elif pre is not None and not first:
+                cert = try_preconditioned() or cert
     values = None
     if cross_check or cert is None or not cert["certified"]:
         values = _values_from_rank0(factor, factor_memory_budget, ranks)
@@ -178,37 +189,41 @@ def _certificate(factor: RowFactor, tol: float, band: float, trace: float, budge
                                    result)
 
 
-def _preconditioned_certificate(factor: KhatriRaoFactor, tol: float, band: float,
-                                budget: int | None, block: int, seed: int, ranks: Ranks,
-                                details: dict[str, Any]) -> dict[str, Any] | None:
-    """The preconditioned certificate of :func:`.rank._gram_certificates` (tried first where it
-    lowers the trace :data:`PRECONDITION_MIN_GAIN`-fold) over the ranks: rank 0
-    computes ``fl(S C_S)``, ``fl(Z C_Z)`` and their bounds (:mod:`.preconditioning`) and
-    broadcasts them, so every rank factorises the Gram of the same matrix."""
-    figures = torch.zeros(4, dtype=torch.float64, device=factor.device)
+def _broadcast_preconditioned(factor: KhatriRaoFactor, ranks: Ranks) -> PreconditionedFactor:
+    """Rank 0 computes ``fl(S C_S)``, ``fl(Z C_Z)`` and their bounds (:mod:`.preconditioning`)
+    and broadcasts them, so every rank factorises the Gram of the same matrix."""
+    figures = torch.zeros(3, dtype=torch.float64, device=factor.device)
     s, z = torch.empty_like(factor.s), torch.empty_like(factor.z)
     if ranks.rank == 0:
         pre = precondition(factor)
         s.copy_(pre.factor.s)
         z.copy_(pre.factor.z)
-        figures.copy_(torch.tensor([pre.norm_bound, pre.forming_error, pre.trace_ratio,
-                                    pre.factor.trace()], dtype=torch.float64))
+        figures.copy_(torch.tensor([pre.norm_bound, pre.forming_error, pre.trace_ratio],
+                                   dtype=torch.float64))
     for tensor in (figures, s, z):
         ranks.broadcast(tensor, 0)
-    norm_bound, forming, ratio, trace = figures.tolist()
-    pre = PreconditionedFactor(KhatriRaoFactor(s, z), norm_bound, forming, ratio)
+    norm_bound, forming, ratio = figures.tolist()
+    return PreconditionedFactor(KhatriRaoFactor(s, z), norm_bound, forming, ratio)
+
+
+def _preconditioned_certificate(pre: PreconditionedFactor, tol: float, band: float,
+                                budget: int | None, block: int, seed: int, ranks: Ranks,
+                                details: dict[str, Any]) -> dict[str, Any] | None:
+    """The preconditioned certificate of :func:`.rank._gram_certificates` over the ranks (in its
+    order: first where it lowers the trace :data:`PRECONDITION_FIRST_GAIN`-fold, else after a
+    plain certificate that fails, from :data:`PRECONDITION_MIN_GAIN`-fold)."""
     record = details["preconditioned"] = {**pre.to_dict(), "notes": []}
-    if ratio < PRECONDITION_MIN_GAIN:
+    if pre.trace_ratio < PRECONDITION_MIN_GAIN:
         record.pop("notes")
-        record["skipped"] = f"it lowers the trace only {ratio:.3g}-fold"
+        record["skipped"] = f"it lowers the trace only {pre.trace_ratio:.3g}-fold"
         return None
-    cert = _certificate(pre.factor, pre.tolerance_for(tol, band), band, trace, budget, block,
-                        seed, ranks, record)
+    cert = _certificate(pre.factor, pre.tolerance_for(tol, band), band, pre.factor.trace(),
+                        budget, block, seed, ranks, record)
     details["notes"].extend(record.pop("notes"))
     if not cert["certified"]:
         return None
     cert = pre.tightened(cert, lambda t, rec: _certificate(
-        pre.factor, t, band, trace, budget, block, seed, ranks, rec), band, record)
+        pre.factor, t, band, pre.factor.trace(), budget, block, seed, ranks, rec), band, record)
     return pre.result_for_phi(cert, record)
 
 

@@ -35,7 +35,8 @@ from .dense import (cut, decide, pivoted_qr_diagonal, require_finite, singular_v
                     spectrum_tail, target_value)
 from .factor_verdict import assemble_factor_verdict
 from .factors import DenseFactor, KhatriRaoFactor, RowFactor
-from .preconditioning import PRECONDITION_MIN_GAIN, PreconditionedFactor, precondition
+from .preconditioning import (PRECONDITION_FIRST_GAIN, PRECONDITION_MIN_GAIN, PreconditionedFactor,
+                              precondition)
 from .shift_preconditioning import shift_precondition, shift_preconditioning_flops
 from .sketch import SketchBound, khatri_rao_sketch_bound, sketch_columns, sketch_flops
 from .spectrum import GramSpectrum
@@ -240,14 +241,15 @@ def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int |
     """The Gram certificate, and the preconditioned ones where it cannot decide.
 
     For a Khatri–Rao factor whose column preconditioner (:mod:`.preconditioning`) lowers the
-    trace — and the rounding floor — by :data:`PRECONDITION_MIN_GAIN` or more, the preconditioned
-    certificate goes first (the plain one is then the fallback): ``σ_n(ϕ) ≥ (σ_n(B̂) − error) /
-    ‖C‖₂``, so ``B̂ = fl(ϕC)`` is certified against ``tol·‖C‖₂ + error/band``, which puts the bound
+    trace — and the rounding floor — by :data:`PRECONDITION_FIRST_GAIN` or more, the
+    preconditioned certificate goes first (the plain one is then the fallback); by
+    :data:`PRECONDITION_MIN_GAIN` or more, it follows a plain one that fails:
+    ``σ_n(ϕ) ≥ (σ_n(B̂) − error) / ‖C‖₂``, so ``B̂ = fl(ϕC)`` is certified against ``tol·‖C‖₂ + error/band``, which puts the bound
     on ``σ_n(ϕ)`` above ``band·tol``. For a dense factor whose plain certificate fails, the row
     preconditioner of a shifted Cholesky factor (:mod:`.shift_preconditioning`), within
     ``flops``."""
     pre = precondition(factor) if isinstance(factor, KhatriRaoFactor) else None
-    first = pre is not None and pre.trace_ratio >= PRECONDITION_MIN_GAIN
+    first = pre is not None and pre.trace_ratio >= PRECONDITION_FIRST_GAIN
     if first:
         cert = _preconditioned_certificate(pre, "preconditioned", tol, band, budget, block, seed,
                                            details, route, methods, tighten)
@@ -258,7 +260,12 @@ def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int |
     if cert["certified"]:
         methods["cholesky"] = factor.rows
         return cert
-    if pre is not None and not first:
+    if pre is not None and not first and pre.trace_ratio >= PRECONDITION_MIN_GAIN:
+        pre_cert = _preconditioned_certificate(pre, "preconditioned", tol, band, budget, block,
+                                               seed, details, route, methods, tighten)
+        if pre_cert["certified"]:
+            return pre_cert
+    elif pre is not None and not first:
         details["preconditioned"] = {**pre.to_dict(),
                                      "skipped": f"it lowers the trace only "
                                                 f"{pre.trace_ratio:.3g}-fold"}
