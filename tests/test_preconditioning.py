@@ -9,7 +9,8 @@ from global_convergence.linalg import (NOT_VERIFIED, RANK_BAND, VERIFIED, Khatri
                                        factor_rank_verdict)
 from global_convergence.linalg import rank as rank_module
 from global_convergence.linalg.preconditioning import (PRECONDITION_FIRST_GAIN, PRECONDITION_MIN_GAIN,
-                                                      cap_side, precondition)
+                                                      cap_side, precondition,
+                                                      trace_gain_estimate)
 
 F64, F32 = torch.float64, torch.float32
 
@@ -119,3 +120,23 @@ def test_a_moderate_gain_tries_the_preconditioned_certificate_after_the_plain_on
     assert v.verdict == VERIFIED and v.methods == {"preconditioned_cholesky": 480}
     exact = float(torch.linalg.svdvals(factor.dense())[-1])
     assert RANK_BAND * v.tolerance < v.smallest_kept <= exact
+
+
+def test_the_trace_gain_estimate_is_close_to_the_preconditioned_ratio():
+    for factor in (_mean_dominated(), KhatriRaoFactor(
+            0.5 + 0.2 * torch.randn(200, 9, dtype=F64),
+            torch.randn(200, 30, dtype=F64) + 3 * torch.rand(30, dtype=F64))):
+        ratio = precondition(factor).trace_ratio
+        assert math.isclose(trace_gain_estimate(factor), ratio, rel_tol=0.1)
+
+
+def test_a_plain_certificate_that_decides_spends_no_capped_gram():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(480, 21, generator=g, dtype=F64) + 3 * torch.rand(21, generator=g, dtype=F64)
+    s = 0.5 + 0.2 * torch.randn(480, 24, generator=g, dtype=F64)
+    cache: dict = {}
+    factor = KhatriRaoFactor(s, z, z @ z.T, cache)
+    v = factor_rank_verdict(factor)
+    assert v.verdict == VERIFIED and v.details["route"] == "gram-cholesky"
+    # only the estimate of the trace gain from the sides' eigenvalues, no capped factor or Gram
+    assert "gain" in cache and "capped" not in cache and cache.get("capped_zz") is None

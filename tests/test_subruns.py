@@ -117,7 +117,7 @@ def test_keep_freed_memory_takes_effect_on_glibc():
     import subprocess
     import sys
 
-    code = ("from global_convergence.experiments.subruns import keep_freed_memory; "
+    code = ("from global_convergence.allocator import keep_freed_memory; "
             "print(keep_freed_memory())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")

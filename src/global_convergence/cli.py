@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .errors import NumericalError, UserInputError
 
 CONDITIONS = ("expressivity", "safe-exploration", "alignment")
@@ -289,6 +290,7 @@ def command_line(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = command_line(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         if args.command == "train":
             return _train(args, argv)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..allocator import keep_freed_memory
 from ..training import CHECKPOINT_NAME, LogEvent, TrainConfig, atomic_write_text, load_checkpoint, train
 from ..training.state import result_options
 
@@ -224,30 +225,6 @@ def _run_with_threads(ctx: Context, job: Job, position: str, threads: int | None
         return run_job(ctx, job, position, bar=bar)
     finally:
         torch.set_num_threads(previous)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's ``malloc`` keep freed memory for reuse instead of returning it to the system
-    (``mallopt``: no ``mmap`` allocations, no heap trimming); True where that took effect.
-
-    Tensors over 32 MB (a LeNet m_c = 4 activation at n = 1000) are otherwise mapped and unmapped
-    at every step, and the page faults of touching them again cost a fifth of the CPU time of a
-    step (docs/reproduction.md). Run in each worker process of :func:`run_jobs` when it starts
-    (it changes the allocator of the whole process). Not glibc: nothing happens.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        return False
-    if mallopt is None:
-        return False
-    m_mmap_max, m_trim_threshold = -4, -1                  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _worker(task: tuple[Context, Job, str, int]) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:

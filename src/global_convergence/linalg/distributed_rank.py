@@ -35,9 +35,10 @@ from .dense import cut, require_finite
 from .distributed_cholesky import Ranks, distributed_bytes, distributed_shifted_cholesky
 from .factors import KhatriRaoFactor, RowFactor
 from .preconditioning import (PRECONDITION_FIRST_GAIN, PRECONDITION_MIN_GAIN, PreconditionedFactor,
-                              precondition)
+                              precondition, trace_gain_estimate)
 from .factor_verdict import assemble_factor_verdict
-from .rank import (FACTOR_MEMORY_BUDGET, GRAM_MEMORY_FRACTION, _factor_values,
+from .factor_route import factor_values
+from .rank import (FACTOR_MEMORY_BUDGET, GRAM_MEMORY_FRACTION,
                    available_bytes, factor_rank_verdict, largest_gram_eigenvalue,
                    record_cholesky_outcome)
 from .tolerance import (CHOLESKY_SAFETY, RANK_BAND, cholesky_rounding_bound, gram_rounding_bound,
@@ -119,7 +120,7 @@ def distributed_factor_rank_verdict(factor: RowFactor, target: int | None = None
                 methods["preconditioned_cholesky"] = n
             return found
 
-        first = pre is not None and pre.trace_ratio >= PRECONDITION_FIRST_GAIN
+        first = pre is not None and trace_gain_estimate(factor) >= PRECONDITION_FIRST_GAIN
         if first:                                    # in the order one process takes
             cert = try_preconditioned()
         if cert is None:
@@ -228,9 +229,9 @@ def _preconditioned_certificate(pre: PreconditionedFactor, tol: float, band: flo
 
 
 def _values_from_rank0(factor: RowFactor, budget: int, ranks: Ranks):
-    """The factor route's singular values and pivoted-QR diagonal (:func:`.rank._factor_values`),
+    """The factor route's singular values and pivoted-QR diagonal (:func:`.factor_route.factor_values`),
     computed on rank 0 and broadcast (None when over ``budget``)."""
-    box = [_factor_values(factor, budget) if ranks.rank == 0 else None]
+    box = [factor_values(factor, budget) if ranks.rank == 0 else None]
     if ranks.world > 1:
         src = 0 if ranks.group is None else dist.get_global_rank(ranks.group, 0)
         dist.broadcast_object_list(box, src=src, group=ranks.group)

@@ -29,6 +29,7 @@ Everything is bounded, so a certificate on the preconditioned factor is a proof 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .factors import KhatriRaoFactor, RowFactor
+from .symmetric import gram as symmetric_gram
 from .tolerance import gamma
 
 PRECONDITION_MIN_GAIN = 10.0
@@ -128,8 +130,9 @@ def cap_side(m: Tensor) -> CappedSide:
     ``c`` the mean of the eigenvalues not above their mean (module docstring); bounds in ``m``'s
     precision."""
     cols, dtype = m.shape[1], m.dtype
+    gram = symmetric_gram(m.T)
     with _one_thread(cols <= SMALL_EIGH):
-        lam, q = torch.linalg.eigh(m.T @ m)
+        lam, q = torch.linalg.eigh(gram)
     lam_plus = lam.clamp_min(0)
     below = lam_plus[lam_plus <= lam_plus.mean()]
     cap = float(below.mean())
@@ -145,21 +148,47 @@ def cap_side(m: Tensor) -> CappedSide:
     return CappedSide(matrix=m @ c, preconditioner=c, norm_bound=norm_bound, row_errors=row_errors, cap=cap)
 
 
+def trace_gain_estimate(factor: KhatriRaoFactor) -> float:
+    """About :attr:`PreconditionedFactor.trace_ratio` of :func:`precondition`, from the eigenvalues
+    of ``SᵀS`` and ``ZᵀZ`` alone: each side's ``Σ λ_k / Σ min(λ_k, c)`` (the trace its cap
+    removes), multiplied. For choosing the order of the certificates only; ``Z``'s factor is kept
+    in ``factor.z_cache`` for the outputs that share ``Z``."""
+    def side_gain(m: Tensor) -> float:
+        gram = symmetric_gram(m.T)
+        with _one_thread(m.shape[1] <= SMALL_EIGH):
+            lam = torch.linalg.eigvalsh(gram).clamp_min(0)
+        below = lam[lam <= lam.mean()]
+        capped = float(lam.clamp(max=float(below.mean())).sum())
+        return float(lam.sum()) / capped if capped > 0 else math.inf
+
+    if "gain" not in factor.z_cache:
+        factor.z_cache["gain"] = side_gain(factor.z)
+    return side_gain(factor.s) * factor.z_cache["gain"]
+
+
+def share_capped_gram(pre: PreconditionedFactor, factor: KhatriRaoFactor) -> PreconditionedFactor:
+    """Give ``pre.factor`` (from :func:`precondition` of ``factor``) the capped ``Z'Z'ᵀ``, formed
+    once in ``factor.z_cache`` for the outputs that share ``Z Zᵀ`` — only when its certificate is
+    about to run (a plain certificate that decides needs only the trace ratio)."""
+    if factor.zz is not None and pre.factor.zz is None:
+        if factor.z_cache.get("capped_zz") is None:
+            factor.z_cache["capped_zz"] = symmetric_gram(factor.z_cache["capped"].matrix)
+        pre.factor.zz = factor.z_cache["capped_zz"]
+    return pre
+
+
 def precondition(factor: KhatriRaoFactor) -> PreconditionedFactor:
-    """``fl(ϕC)`` with ``C = C_S ⊗ C_Z`` from :func:`cap_side`. The capped ``Z`` (and its
-    ``Z'Z'ᵀ`` when ``factor`` shares ``Z Zᵀ``) is kept in ``factor.z_cache`` for the outputs that
-    share ``Z``."""
+    """``fl(ϕC)`` with ``C = C_S ⊗ C_Z`` from :func:`cap_side`. The capped ``Z`` is kept in
+    ``factor.z_cache`` for the outputs that share ``Z`` (and its ``Z'Z'ᵀ``, by
+    :func:`share_capped_gram`)."""
     s_side = cap_side(factor.s)
     if "capped" not in factor.z_cache:
-        side = cap_side(factor.z)
-        factor.z_cache["capped"] = side
-        factor.z_cache["capped_zz"] = (side.matrix @ side.matrix.T
-                                       if factor.zz is not None else None)
+        factor.z_cache["capped"] = cap_side(factor.z)
     z_side = factor.z_cache["capped"]
     s2, z2 = s_side.matrix, z_side.matrix
     es, ez = s_side.row_errors, z_side.row_errors
     rows = es * z2.norm(dim=1) + s2.norm(dim=1) * ez + es * ez
-    capped = KhatriRaoFactor(s2, z2, factor.z_cache["capped_zz"])
+    capped = KhatriRaoFactor(s2, z2, factor.z_cache.get("capped_zz"))
     capped_trace = capped.trace()
     # a zero cap (a side whose eigenvalues below the mean are all 0) leaves nothing to certify
     ratio = factor.trace() / capped_trace if capped_trace > 0 else 0.0

@@ -31,18 +31,17 @@ from torch import Tensor
 
 from .cholesky import (CHOLESKY_BLOCK, CholeskyFactor, CholeskyOutcome, blocked_bytes,
                        shifted_cholesky)
-from .dense import (cut, decide, pivoted_qr_diagonal, require_finite, singular_values,
-                    spectrum_tail, target_value)
+from .dense import cut, decide, require_finite, spectrum_tail, target_value
+from .factor_route import bounded_factor_values, factor_route_flops
 from .factor_verdict import assemble_factor_verdict
 from .factors import DenseFactor, KhatriRaoFactor, RowFactor
 from .preconditioning import (PRECONDITION_FIRST_GAIN, PRECONDITION_MIN_GAIN, PreconditionedFactor,
-                              precondition)
+                              precondition, share_capped_gram, trace_gain_estimate)
 from .shift_preconditioning import shift_precondition, shift_preconditioning_flops
 from .sketch import SketchBound, khatri_rao_sketch_bound, sketch_columns, sketch_flops
 from .spectrum import GramSpectrum
 from .tolerance import (CHOLESKY_SAFETY, RANK_BAND, cholesky_rounding_bound, gram_rounding_bound,
                         numpy_tolerance, precision_name)
-from .triangular import triangular_factor, tsqr_bytes
 from .verdict import INCONCLUSIVE, Verdict
 
 FACTOR_MEMORY_BUDGET = 4 * 2**30
@@ -60,18 +59,8 @@ LANCZOS_TOL = 1e-8
 LANCZOS_VECTORS = 6
 """Lanczos basis size (``ncv``): a separated top eigenvalue (the mean direction of trained
 features) converges within the first basis; ARPACK restarts otherwise."""
-TSQR_MIN_COLUMNS = 4096
-"""Columns per TSQR chunk at least (fewer, larger QR calls; per-call overhead dominates small
-ones), memory permitting; otherwise ``rows`` columns."""
 SMALL_GRAM = 64
 """Below this many rows ``λ_max`` comes from a dense ``eigvalsh`` instead of Lanczos."""
-
-
-def factor_route_flops(rows: int, cols: int) -> float:
-    """Flops of the factor route: Householder QR of ``Aᵀ`` (``2·cols·rows² − 2 rows³/3``, TSQR
-    costs the same), then SVD and pivoted QR of the ``rows × rows`` ``R`` (about ``6 rows³``)."""
-    n, c = float(rows), float(cols)
-    return 2.0 * c * n * n - 2.0 * n ** 3 / 3.0 + 6.0 * n ** 3
 
 
 def available_bytes(device: torch.device) -> int:
@@ -205,35 +194,6 @@ def record_cholesky_outcome(outcome, certified_shift: float, seed: int, details:
     return result
 
 
-def _factor_values(factor: RowFactor, budget: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Singular values and pivoted-QR diagonal of ``A`` via TSQR, or None if over ``budget``."""
-    n, itemsize = factor.rows, torch.empty((), dtype=factor.dtype).element_size()
-    width = max(n, TSQR_MIN_COLUMNS)
-    if tsqr_bytes(n, width, itemsize) > budget:
-        width = max(1, n)
-    if tsqr_bytes(n, width, itemsize) > budget:
-        return None
-    r = triangular_factor(factor.column_chunks(width))
-    return singular_values(r), pivoted_qr_diagonal(r)
-
-
-def _bounded_factor_values(factor: RowFactor, memory: int, flops: float | None,
-                           details: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    """:func:`_factor_values` within ``memory`` bytes and ``flops`` (None: no cap); a note in
-    ``details`` says why it was skipped."""
-    cost = factor_route_flops(factor.rows, factor.cols)
-    if flops is not None and cost > flops:
-        details["factor_route_skipped"] = {"flops": cost, "flops_budget": flops}
-        details["notes"].append(f"the factor route (SVD and pivoted QR of the factor, {cost:.3g} "
-                                f"flops) is over the budget of {flops:.3g} flops; skipped")
-        return None
-    values = _factor_values(factor, memory)
-    if values is None:
-        details["notes"].append("the factor route (SVD and pivoted QR of the factor) needs "
-                                "more than factor_memory_budget; skipped")
-    return values
-
-
 def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int | None,
                        block: int | None, seed: int, details: dict[str, Any], gram: Tensor | None,
                        route: list[str], methods: dict[str, int], tighten: bool = True,
@@ -248,11 +208,13 @@ def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int |
     on ``σ_n(ϕ)`` above ``band·tol``. For a dense factor whose plain certificate fails, the row
     preconditioner of a shifted Cholesky factor (:mod:`.shift_preconditioning`), within
     ``flops``."""
-    pre = precondition(factor) if isinstance(factor, KhatriRaoFactor) else None
-    first = pre is not None and pre.trace_ratio >= PRECONDITION_FIRST_GAIN
+    first = isinstance(factor, KhatriRaoFactor) and \
+        trace_gain_estimate(factor) >= PRECONDITION_FIRST_GAIN
+    pre = precondition(factor) if first else None
     if first:
-        cert = _preconditioned_certificate(pre, "preconditioned", tol, band, budget, block, seed,
-                                           details, route, methods, tighten)
+        cert = _preconditioned_certificate(share_capped_gram(pre, factor), "preconditioned",
+                                           tol, band, budget, block, seed, details, route,
+                                           methods, tighten)
         if cert["certified"]:
             return cert
     route.append("gram-cholesky")
@@ -260,9 +222,12 @@ def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int |
     if cert["certified"]:
         methods["cholesky"] = factor.rows
         return cert
+    if isinstance(factor, KhatriRaoFactor) and not first:
+        pre = precondition(factor)
     if pre is not None and not first and pre.trace_ratio >= PRECONDITION_MIN_GAIN:
-        pre_cert = _preconditioned_certificate(pre, "preconditioned", tol, band, budget, block,
-                                               seed, details, route, methods, tighten)
+        pre_cert = _preconditioned_certificate(share_capped_gram(pre, factor), "preconditioned",
+                                               tol, band, budget, block, seed, details, route,
+                                               methods, tighten)
         if pre_cert["certified"]:
             return pre_cert
     elif pre is not None and not first:
@@ -397,7 +362,7 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
                         "failed_at": None, "sketch": sketch}
     values = None
     if cross_check or cert is None or not cert["certified"]:
-        values = _bounded_factor_values(factor, factor_memory_budget, fallback_flops, details)
+        values = bounded_factor_values(factor, factor_memory_budget, fallback_flops, details)
         if values is not None:
             route.append("factor-svd-qr")
             methods["svd"] = cut(values[0], tol).rank
