@@ -1,7 +1,8 @@
 """The verdict of :func:`.rank.factor_rank_verdict` from what its routes found (docs/verifiers.md).
 
 Each route leaves its figures in ``details``; this module turns them into one :class:`Verdict`
-with the margin to the tolerance and the ``spectrum`` a plot draws (:mod:`global_convergence.conditions.plot`).
+with the margin to the tolerance and the ``spectrum`` a plot draws
+(:mod:`global_convergence.conditions.plot`).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ PRECONDITIONED_BOUNDS = {
 """What the two values at n of a preconditioned certificate's spectrum are, by its kind."""
 
 
-def assemble_factor_verdict(condition: str, target: int, factor: RowFactor, dtype: torch.dtype, tol: float,
-              band: float, methods: dict[str, int], values: tuple[np.ndarray, np.ndarray] | None,
-              cert: dict[str, Any] | None, details: dict[str, Any]) -> Verdict:
+def assemble_factor_verdict(condition: str, target: int, factor: RowFactor, dtype: torch.dtype,
+                            tol: float, band: float, methods: dict[str, int],
+                            values: tuple[np.ndarray, np.ndarray] | None,
+                            cert: dict[str, Any] | None, details: dict[str, Any]) -> Verdict:
     """Combine the methods' results into one verdict: the factor route's singular values where
     it ran (:func:`.dense.decide`: band and agreement), else a certificate's bound (*verified*),
     else the dimension bound or the Cholesky breakdown (*not-verified* / *inconclusive*)."""

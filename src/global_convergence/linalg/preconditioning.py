@@ -145,7 +145,8 @@ def cap_side(m: Tensor) -> CappedSide:
     q_norm_sq = 1.0 + orthogonality + g * q_fro_sq
     norm_bound = float(d.max()) * (q_norm_sq + g * q_fro_sq)
     row_errors = g * m.norm(dim=1) * float(c.norm())
-    return CappedSide(matrix=m @ c, preconditioner=c, norm_bound=norm_bound, row_errors=row_errors, cap=cap)
+    return CappedSide(matrix=m @ c, preconditioner=c, norm_bound=norm_bound,
+                      row_errors=row_errors, cap=cap)
 
 
 def trace_gain_estimate(factor: KhatriRaoFactor) -> float:

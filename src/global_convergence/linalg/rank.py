@@ -204,8 +204,8 @@ def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int |
     trace — and the rounding floor — by :data:`PRECONDITION_FIRST_GAIN` or more, the
     preconditioned certificate goes first (the plain one is then the fallback); by
     :data:`PRECONDITION_MIN_GAIN` or more, it follows a plain one that fails:
-    ``σ_n(ϕ) ≥ (σ_n(B̂) − error) / ‖C‖₂``, so ``B̂ = fl(ϕC)`` is certified against ``tol·‖C‖₂ + error/band``, which puts the bound
-    on ``σ_n(ϕ)`` above ``band·tol``. For a dense factor whose plain certificate fails, the row
+    ``σ_n(ϕ) ≥ (σ_n(B̂) − error) / ‖C‖₂``, so ``B̂ = fl(ϕC)`` is certified against
+    ``tol·‖C‖₂ + error/band``, which puts the bound on ``σ_n(ϕ)`` above ``band·tol``. For a dense factor whose plain certificate fails, the row
     preconditioner of a shifted Cholesky factor (:mod:`.shift_preconditioning`), within
     ``flops``."""
     first = isinstance(factor, KhatriRaoFactor) and \
@@ -368,8 +368,8 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
             methods["svd"] = cut(values[0], tol).rank
             methods["qr"] = cut(values[1], tol).rank
     details["route"] = "+".join(route)
-    verdict = assemble_factor_verdict(condition, target, factor, dtype, tol, band, methods, values, cert,
-                        details)
+    verdict = assemble_factor_verdict(condition, target, factor, dtype, tol, band, methods,
+                                      values, cert, details)
     verdict.seconds["rank"] = time.perf_counter() - start
     return verdict
 

@@ -21,8 +21,8 @@ and every term is bounded (Higham, *Accuracy and Stability of Numerical Algorith
   ``|ΔL_j| ≤ γ_n|L̂|`` (Thm 8.5; the same model of the blocked BLAS that Rump's bound for the
   Cholesky certificate takes), so ``‖L̂B̂ − A‖₂ ≤ γ_n ‖L̂‖_F ‖B̂‖_F``.
 
-With ``ℓ ≤ σ_min(L̂)`` and ``e ≥ ‖L̂B̂ − A‖₂`` this is ``σ_n(A) ≥ (σ_n(B̂) − e/ℓ) / (1/ℓ)``: the form
-of :class:`.preconditioning.PreconditionedFactor` with ``‖C‖₂ ≤ 1/ℓ`` and forming error ``e/ℓ``,
+With ``ℓ ≤ σ_min(L̂)`` and ``e ≥ ‖L̂B̂ − A‖₂`` this is ``σ_n(A) ≥ (σ_n(B̂) − e/ℓ) / (1/ℓ)``: the
+form of :class:`.preconditioning.PreconditionedFactor` with ``‖C‖₂ ≤ 1/ℓ`` and forming error ``e/ℓ``,
 so the same certificate, tightening and verdict apply. Cost: two ``n³/3`` factorisations, the
 solve and ``B̂B̂ᵀ`` (``n² cols`` each); no SVD, no pivoted QR.
 """
