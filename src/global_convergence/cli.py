@@ -291,7 +291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = command_line(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     keep_freed_memory()
-    joined_before = _process_group_joined()
     try:
         if args.command == "train":
             return _train(args, argv)
@@ -305,24 +304,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("gconv: interrupted; rerun with --resume to continue from the last checkpoint\n")
         return 130
-    finally:
-        if not joined_before and _process_group_joined():
-            _leave_process_group()
-
-
-def _process_group_joined() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _leave_process_group() -> None:
-    """Destroy the process group a command joined (under ``torchrun``) before the interpreter
-    exits: left alive, its communication threads can meet the exit's destructors and abort the
-    process ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

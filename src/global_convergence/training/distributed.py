@@ -19,6 +19,7 @@ assembled in chunk order, so their results do not depend on the number of ranks.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Callable, Iterator
@@ -60,7 +61,17 @@ def init_distributed(device_kind: str) -> DistContext:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group this module joined when the interpreter exits: left alive,
+    its communication threads can meet the exit's destructors and abort the process
+    ("terminate called without an active exception"). Commands run one after another in one
+    process (a driver under ``torchrun``) share the group until then."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_share(indices: torch.Tensor, ctx: DistContext) -> torch.Tensor:
