@@ -15,8 +15,8 @@ from .cholesky import CHOLESKY_BLOCK, CholeskyFactor, shifted_cholesky
 from .dense import (cut, decide, dense_rank_verdict, pivoted_qr_diagonal, require_finite,
                     singular_values, svd_rank, qr_rank)
 from .factors import DenseFactor, KhatriRaoFactor, RowFactor
-from .rank import (DENSE_GRAM_BYTES, FACTOR_MEMORY_BUDGET, factor_rank_verdict, factor_route_flops,
-                   gram_rank_verdict,
+from .factor_route import factor_route_flops
+from .rank import (DENSE_GRAM_BYTES, FACTOR_MEMORY_BUDGET, factor_rank_verdict, gram_rank_verdict,
                    largest_gram_eigenvalue)
 from .spectrum import GramSpectrum, projection_residual, relative_residual
 from .tolerance import (CHOLESKY_SAFETY, RANK_BAND, machine_epsilon, numpy_tolerance,

@@ -35,7 +35,7 @@ from .dense import cut, require_finite
 from .distributed_cholesky import Ranks, distributed_bytes, distributed_shifted_cholesky
 from .factors import KhatriRaoFactor, RowFactor
 from .preconditioning import (PRECONDITION_FIRST_GAIN, PRECONDITION_MIN_GAIN, PreconditionedFactor,
-                              precondition, trace_gain_estimate)
+                              precondition)
 from .factor_verdict import assemble_factor_verdict
 from .factor_route import factor_values
 from .rank import (FACTOR_MEMORY_BUDGET, GRAM_MEMORY_FRACTION,
@@ -120,7 +120,8 @@ def distributed_factor_rank_verdict(factor: RowFactor, target: int | None = None
                 methods["preconditioned_cholesky"] = n
             return found
 
-        first = pre is not None and trace_gain_estimate(factor) >= PRECONDITION_FIRST_GAIN
+        # rank 0's broadcast ratio, so that every rank takes the same order
+        first = pre is not None and pre.trace_ratio >= PRECONDITION_FIRST_GAIN
         if first:                                    # in the order one process takes
             cert = try_preconditioned()
         if cert is None:
