@@ -17,7 +17,7 @@ One run, ratios printed (the machine is shared: compare ratios, not seconds):
 
 The process keeps freed memory for reuse as ``gconv`` does (``--allocator default``: not).
 
-Run:  python benchmarks/bench_certificate.py [--skip-train] [--skip-resnet] [--dense-rows 2000]
+Run:  python benchmarks/bench_certificate.py [--skip-train] [--skip-resnet] [--dense-rows 4000]
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def part_resnet(folder: Path, dense_rows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--dense-rows", type=int, default=2000)
+    parser.add_argument("--dense-rows", type=int, default=4000)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--allocator", choices=("gconv", "default"), default="gconv",

@@ -7,7 +7,7 @@ matrix satisfies ``λ_min(G) > m``, i.e. ``σ_min(A) > √m``: the rows of ``A``
 independent with a certified margin. The factorisation costs ``n³/3`` flops, against
 ``O(n² cols)`` for an SVD of ``A``.
 
-Two layouts: the dense ``n × n`` matrix (``torch.linalg.cholesky_ex``), or, when that does not
+Two layouts: the dense ``n × n`` matrix (:func:`.lapack.cholesky_lower`), or, when that does not
 fit, a left-looking blocked factorisation over column panels ``L[k0:, k0:k1]`` whose Gram blocks
 are rebuilt from the factor on demand, so only the lower triangle (``n²/2`` numbers) is ever held.
 """
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .factors import GRAM_ROW_CHUNK, RowFactor
+from .lapack import cholesky_lower
 
 CHOLESKY_BLOCK = 4096
 """Panel width of the blocked factorisation (one panel of 60,000 rows is ~2 GB in float64)."""
@@ -101,10 +102,10 @@ def shifted_cholesky(factor: RowFactor, shift: float, block: int | None = None) 
     if block is None or block >= n:
         gram = factor.gram()
         gram.diagonal().sub_(shift)
-        lower, info = torch.linalg.cholesky_ex(gram)
+        lower, info = cholesky_lower(gram, overwrite=True)
         del gram
-        if int(info) != 0:
-            return CholeskyOutcome(None, int(info) - 1)
+        if info != 0:
+            return CholeskyOutcome(None, info - 1)
         return CholeskyOutcome(CholeskyFactor([(0, lower)], n, shift), None)
     return _blocked_cholesky(factor, shift, block)
 
@@ -123,9 +124,9 @@ def _blocked_cholesky(factor: RowFactor, shift: float, block: int) -> CholeskyOu
         for j0, p in panels:
             rows = p[k0 - j0:]
             a.addmm_(rows, rows[:b].T, alpha=-1.0)
-        lower, info = torch.linalg.cholesky_ex(a[:b])
-        if int(info) != 0:
-            return CholeskyOutcome(None, k0 + int(info) - 1)
+        lower, info = cholesky_lower(a[:b])
+        if info != 0:
+            return CholeskyOutcome(None, k0 + info - 1)
         a[:b] = lower
         for s in range(b, a.shape[0], TRSM_ROW_CHUNK):
             e = min(s + TRSM_ROW_CHUNK, a.shape[0])

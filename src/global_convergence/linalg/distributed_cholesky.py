@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .cholesky import INVERSE_ITERATIONS, TRSM_ROW_CHUNK, inverse_iteration
 from .factors import GRAM_ROW_CHUNK, RowFactor
+from .lapack import cholesky_lower
 
 
 @dataclass(frozen=True)
@@ -242,9 +243,9 @@ def _own_gram_columns(factor: RowFactor, shift: float, block: int, ranks: Ranks
 def _factor_panel(a: Tensor, b: int) -> int:
     """Factor the updated block column ``a`` in place (Cholesky of its ``b × b`` top, triangular
     solve of the rows below in chunks); LAPACK's ``info`` (0 on success)."""
-    lower, info = torch.linalg.cholesky_ex(a[:b])
-    if int(info) != 0:
-        return int(info)
+    lower, info = cholesky_lower(a[:b])
+    if info != 0:
+        return info
     a[:b] = lower
     for s in range(b, a.shape[0], TRSM_ROW_CHUNK):
         e = min(s + TRSM_ROW_CHUNK, a.shape[0])

@@ -35,6 +35,7 @@ from .dense import cut, decide, require_finite, spectrum_tail, target_value
 from .factor_route import bounded_factor_values, factor_route_flops
 from .factor_verdict import assemble_factor_verdict
 from .factors import DenseFactor, KhatriRaoFactor, RowFactor
+from .lapack import cholesky_lower
 from .preconditioning import (PRECONDITION_FIRST_GAIN, PRECONDITION_MIN_GAIN, PreconditionedFactor,
                               precondition, share_capped_gram, trace_gain_estimate)
 from .shift_preconditioning import shift_precondition, shift_preconditioning_flops
@@ -136,10 +137,10 @@ def _dense_cholesky(gram: Tensor, shift: float) -> CholeskyOutcome:
     n = gram.shape[0]
     diagonal = gram.diagonal().clone()
     gram.diagonal().sub_(shift)
-    lower, info = torch.linalg.cholesky_ex(gram)
+    lower, info = cholesky_lower(gram)
     gram.diagonal().copy_(diagonal)
-    if int(info) != 0:
-        return CholeskyOutcome(None, int(info) - 1)
+    if info != 0:
+        return CholeskyOutcome(None, info - 1)
     return CholeskyOutcome(CholeskyFactor([(0, lower)], n, shift), None)
 
 

@@ -31,10 +31,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .factors import DenseFactor
+from .lapack import cholesky_lower, solve_lower
 from .preconditioning import PreconditionedFactor
 from .tolerance import CHOLESKY_SAFETY, cholesky_rounding_bound, gamma, unit_roundoff
 
@@ -66,8 +66,8 @@ def shifted_factor(gram: Tensor, delta_gram: float) -> ShiftedFactor | None:
     trace, top = float(diagonal.sum()), float(diagonal.max())
     shift = CHOLESKY_SAFETY * (delta_gram + cholesky_rounding_bound(n, trace, dtype))
     diagonal.add_(shift)
-    lower, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
+    lower, info = cholesky_lower(gram, overwrite=True)
+    if info != 0:
         return None
     frobenius_sq = float(lower.pow(2).sum()) * (1 + 2 * gamma(n * n, dtype))
     bound_sq = (shift - delta_gram - unit_roundoff(dtype) * (top + shift)
@@ -86,7 +86,7 @@ def shift_precondition(factor: DenseFactor, gram: Tensor, delta_gram: float
     shifted = shifted_factor(gram, delta_gram)
     if shifted is None:
         return None
-    b = torch.linalg.solve_triangular(shifted.lower, factor.a, upper=False)
+    b = solve_lower(shifted.lower, factor.a)
     conditioned = DenseFactor(b)
     b_trace = conditioned.trace()
     error = gamma(factor.rows, factor.dtype) * math.sqrt(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import importlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,11 +20,13 @@ from torch import Tensor
 
 @functools.lru_cache(maxsize=1)
 def blas_controller() -> object | None:
-    """threadpoolctl's controller of the BLAS libraries loaded (NumPy's), or None without it."""
+    """threadpoolctl's controller of the BLAS libraries loaded (NumPy's, and SciPy's that
+    :mod:`.lapack` calls), or None without it."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:             # threadpoolctl comes with scikit-learn; optional here
         return None
+    importlib.import_module("scipy.linalg")   # loads SciPy's BLAS, so that the controller sees it
     return ThreadpoolController()
 
 
