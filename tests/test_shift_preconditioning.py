@@ -92,3 +92,16 @@ def test_the_plain_attempt_leaves_the_gram_matrix_as_it_was():
     before = gram.clone()
     outcome = rank_module._dense_cholesky(gram, 1e-3)
     assert not outcome.success and torch.equal(gram, before)
+
+
+def test_a_memory_budget_too_small_for_the_route_skips_it_and_says_so():
+    a, _ = mean_dominated(seed=2)
+    need = (80 * 200 + 80 * 80) * 8                                 # B̂ and its Gram matrix
+    v = factor_rank_verdict(DenseFactor(a), gram_memory_budget=need - 1)
+    assert v.details["shift_preconditioned"]["skipped"] == {"bytes": need,
+                                                            "bytes_budget": need - 1}
+    assert "shift_preconditioned_cholesky" not in v.methods
+    assert v.details["route"] == "gram-cholesky+factor-svd-qr"       # decided by the factor
+    assert v.verdict == VERIFIED
+    enough = factor_rank_verdict(DenseFactor(a), gram_memory_budget=need)
+    assert enough.methods == {"shift_preconditioned_cholesky": 80}
