@@ -56,3 +56,31 @@ def test_the_hugging_face_example_trains_through_the_switch_and_certifies_honest
     assert summary["phase"] == 2 and summary["steps"] == 40 and summary["optimizer"] == "sgd"
     assert summary["verdict"] == "verified"
     assert {"full_batch", "no_momentum"} <= set(summary["bound_withheld_because"])
+
+
+def test_the_alignment_at_initialisation_study_prints_the_verdicts_of_the_verifier():
+    import importlib.util
+
+    import torch
+
+    from global_convergence import flush_denormals, make_loss
+    from global_convergence.conditions import alignment
+    from global_convergence.data import load_dataset
+
+    summary = _run("alignment_at_initialisation.py", "--data", "digits", "--n", "60",
+                   "--widths", "1", "--seeds", "0", "--variant", "max", "relu")
+    assert summary["variant"] == ["max", "relu"] and len(summary["checks"]) == 1
+    check = summary["checks"][0]
+    path = EXAMPLES / "alignment_at_initialisation.py"
+    spec = importlib.util.spec_from_file_location("study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    data = load_dataset("digits", n=60, seed=0)
+    model = study.lenet_variant(1, 0, tuple(data.x_train.shape[1:]), {"max", "relu"})
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model) == 2
+    assert not any(isinstance(m, torch.nn.Softplus) for m in model)
+    with flush_denormals():
+        verdict = alignment(model, data.x_train, (data.y_train >= 5).long(),
+                            loss=make_loss("ce", 2))
+    assert (check["verdict"], check["rank"], check["rank_augmented"]) == \
+        (verdict.verdict, verdict.rank, verdict.details["rank_augmented"])
