@@ -53,9 +53,9 @@ def main() -> None:
         lower = torch.linalg.cholesky(gram)
         chol = least_seconds({"scipy": lambda: cholesky_lower(gram),
                               "torch": lambda: torch.linalg.cholesky_ex(gram)}, args.repeats)
-        trsm = least_seconds({"scipy": lambda: solve_lower(lower, a),
-                              "torch": lambda: torch.linalg.solve_triangular(lower, a, upper=False)},
-                             args.repeats)
+        trsm = least_seconds({
+            "scipy": lambda: solve_lower(lower, a),
+            "torch": lambda: torch.linalg.solve_triangular(lower, a, upper=False)}, args.repeats)
         for name, t in (("cholesky", chol), (f"trsm x{n + 401}", trsm)):
             print(f"n = {n}: {name:12s} scipy {t['scipy']:.3f} s, torch {t['torch']:.3f} s, "
                   f"scipy / torch = {t['scipy'] / t['torch']:.2f}")
