@@ -66,3 +66,30 @@ def test_overwrite_factors_in_place_and_gives_the_same_factor():
     lower, info = cholesky_lower(g, overwrite=True)
     assert info == 0 and lower.data_ptr() == pointer    # no second n × n array
     assert torch.equal(lower, copied)
+
+
+@pytest.mark.parametrize("where", [(0, 0), (3, 1)])
+def test_a_nan_breaks_the_factorisation_down_where_torchs_does(where):
+    g = spd(30, torch.float64)
+    i, j = where
+    g[i, j] = g[j, i] = float("nan")
+    _, info = cholesky_lower(g)
+    _, ref_info = torch.linalg.cholesky_ex(g)
+    assert info == int(ref_info) == max(i, j) + 1
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_empty_and_one_by_one_matrices(n):
+    g = spd(n, torch.float64) if n else torch.zeros(0, 0, dtype=torch.float64)
+    lower, info = cholesky_lower(g)
+    assert info == 0 and lower.shape == (n, n)
+    assert torch.allclose(lower @ lower.T, g)
+    assert solve_lower(lower, torch.ones(n, 2, dtype=torch.float64)).shape == (n, 2)
+
+
+def test_a_single_non_contiguous_right_hand_side():
+    lower = torch.linalg.cholesky(spd(60, torch.float64, seed=5))
+    rhs = torch.randn(60, 3, dtype=torch.float64)[:, 1:2]            # (60, 1), row stride 3
+    assert not rhs.is_contiguous()
+    expected = torch.linalg.solve_triangular(lower, rhs, upper=False)
+    assert torch.allclose(solve_lower(lower, rhs), expected, rtol=1e-10, atol=1e-12)

@@ -1,7 +1,7 @@
 """Shifted Cholesky factorisation of a Gram matrix: the fast certificate of full row rank.
 
 If the floating-point Cholesky factorisation of ``Ĝ − μ I`` succeeds, with ``Ĝ`` the computed Gram
-matrix and ``μ ≥ c_chol + δ_G + m`` (``c_chol = γ_{n+1} tr G`` Rump's bound for the factorisation,
+matrix and ``μ ≥ c_chol + δ_G + m`` (``c_chol = γ_{n+2} tr G`` Rump's bound for the factorisation,
 ``δ_G = γ_k tr G`` the rounding of forming ``Ĝ``, see :mod:`.tolerance`), then the exact Gram
 matrix satisfies ``λ_min(G) > m``, i.e. ``σ_min(A) > √m``: the rows of ``A`` are linearly
 independent with a certified margin. The factorisation costs ``n³/3`` flops, against
@@ -124,7 +124,7 @@ def _blocked_cholesky(factor: RowFactor, shift: float, block: int) -> CholeskyOu
         for j0, p in panels:
             rows = p[k0 - j0:]
             a.addmm_(rows, rows[:b].T, alpha=-1.0)
-        lower, info = cholesky_lower(a[:b])
+        lower, info = cholesky_lower(a[:b], overwrite=True)
         if info != 0:
             return CholeskyOutcome(None, k0 + info - 1)
         a[:b] = lower

@@ -15,7 +15,7 @@ Why ``broadcast`` is all it takes: each block column receives exactly the update
 left-looking factorisation (:func:`.cholesky.shifted_cholesky` with ``block``) subtracts, in the
 same order and with the same shapes; a broadcast copies the panel bit for bit and no number is
 summed across ranks. So the computed factor is that of one process (up to the summation order
-inside a BLAS call), Rump's bound ``γ_{n+1} tr G`` and the Gram rounding ``γ_k tr G``
+inside a BLAS call), Rump's bound ``γ_{n+2} tr G`` and the Gram rounding ``γ_k tr G``
 (:mod:`.tolerance`) hold unchanged, and success proves the same ``λ_min(G) > μ − δ_G − c_chol``.
 The broadcast of a small status before each panel makes every rank stop at the same breakdown
 row. The backends supporting ``broadcast`` on the tensors' device are gloo (CPU, CUDA) and NCCL
@@ -243,7 +243,7 @@ def _own_gram_columns(factor: RowFactor, shift: float, block: int, ranks: Ranks
 def _factor_panel(a: Tensor, b: int) -> int:
     """Factor the updated block column ``a`` in place (Cholesky of its ``b × b`` top, triangular
     solve of the rows below in chunks); LAPACK's ``info`` (0 on success)."""
-    lower, info = cholesky_lower(a[:b])
+    lower, info = cholesky_lower(a[:b], overwrite=True)
     if info != 0:
         return info
     a[:b] = lower

@@ -32,9 +32,9 @@ def cholesky_lower(matrix: Tensor, *, overwrite: bool = False) -> tuple[Tensor, 
     """``(L, info)`` with ``L Lᵀ = matrix`` (symmetric, both triangles set) as
     ``torch.linalg.cholesky_ex`` returns them: ``L`` lower triangular with zeros above the
     diagonal, ``info = 0`` on success, else the order of the leading minor that is not positive
-    definite (``L`` is then not a factor). ``matrix`` is left as it was, unless ``overwrite``:
-    then a contiguous CPU ``matrix`` becomes ``L`` in place (no second ``n × n`` array), and
-    holds neither ``matrix`` nor a factor when ``info ≠ 0``."""
+    definite or not finite (``L`` is then not a factor). ``matrix`` is left as it was, unless
+    ``overwrite``: then a contiguous CPU ``matrix`` becomes ``L`` in place (no second ``n × n``
+    array), and holds neither ``matrix`` nor a factor when ``info ≠ 0``."""
     if not _on_scipy(matrix):
         lower, info = torch.linalg.cholesky_ex(matrix)
         return lower, int(info)
@@ -48,6 +48,9 @@ def cholesky_lower(matrix: Tensor, *, overwrite: bool = False) -> tuple[Tensor, 
     # the C-ordered L is the Fortran-ordered Lᵀ: factor the upper triangle of the transposed view
     with blas_threads_like_torch():
         _, info = getattr(lapack, _POTRF[matrix.dtype])(work.T, lower=0, overwrite_a=1, clean=1)
+    if info == 0:           # OpenBLAS tests pivots by ``≤ 0`` only, which a NaN passes
+        bad = torch.nonzero(~torch.isfinite(out.diagonal()))
+        info = int(bad[0]) + 1 if len(bad) else 0
     return out, int(info)
 
 

@@ -262,11 +262,13 @@ def _gram_certificates(factor: RowFactor, tol: float, band: float, budget: int |
 
 def _shift_route_bytes(factor: DenseFactor, budget: int | None) -> tuple[int, float]:
     """Memory the shift-preconditioned route holds beside the Gram matrix (whose storage becomes
-    ``L̂``): ``B̂ = L̂⁻¹A`` and its Gram matrix; and what it may use (``budget``, as for the
+    ``L̂`` on the CPU, :mod:`.lapack`): ``B̂ = L̂⁻¹A`` and its Gram matrix (and ``L̂`` elsewhere);
+    and what it may use (``budget``, as for the
     blocked factorisation, default 90 % of free memory)."""
     n, itemsize = factor.rows, factor.a.element_size()
     limit = GRAM_MEMORY_FRACTION * available_bytes(factor.device) if budget is None else budget
-    return (n * factor.cols + n * n) * itemsize, limit
+    factor_apart = 0 if factor.device.type == "cpu" else n * n     # torch.linalg's new L̂
+    return (n * factor.cols + n * n + factor_apart) * itemsize, limit
 
 
 def _preconditioned_certificate(pre: PreconditionedFactor, name: str, tol: float, band: float,
@@ -334,8 +336,8 @@ def factor_rank_verdict(factor: RowFactor, target: int | None = None, *, conditi
     on ``G``). Route: the Gram certificate when ``target`` is the number of rows and
     ``cols ≥ rows``; the factor route (SVD + pivoted QR of ``A`` through TSQR) when the
     certificate fails, or always with ``cross_check=True``, within ``factor_memory_budget``
-    bytes. ``gram_memory_budget`` caps the blocked factorisation and what the shift-preconditioned route
-    holds beside the Gram matrix (default: 90 % of free memory);
+    bytes. ``gram_memory_budget`` caps the blocked factorisation and what the
+    shift-preconditioned route holds beside the Gram matrix (default: 90 % of free memory);
     ``block`` forces the blocked layout with that panel width. ``noise_floor`` (a bound on
     ``‖A − A_exact‖₂``) raises the tolerance to at least itself (Weyl's inequality), so that
     rounding in how ``A`` was computed cannot fake or hide a singular value. ``fallback_flops``

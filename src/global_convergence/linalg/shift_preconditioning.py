@@ -15,11 +15,13 @@ and every term is bounded (Higham, *Accuracy and Stability of Numerical Algorith
 
 * **σ_min(L̂).** ``M = fl(Ĝ + sI)`` differs from ``Ĝ + sI`` by ``u(Ĝ_ii + s)`` on the diagonal, and
   ``λ_min(Ĝ) ≥ −δ_G`` (``G = AAᵀ`` is positive semi-definite). The computed factor satisfies
-  ``L̂L̂ᵀ = M + ΔM``, ``|ΔM| ≤ γ_{n+1}|L̂||L̂ᵀ|`` (Thm 10.3), so ``‖ΔM‖₂ ≤ γ_{n+1}‖L̂‖_F²`` and
-  ``σ_min(L̂)² ≥ s − δ_G − u·max_i(Ĝ_ii + s) − γ_{n+1}‖L̂‖_F²``.
+  ``L̂L̂ᵀ = M + ΔM``, ``|ΔM| ≤ γ_{n+2}|L̂||L̂ᵀ|`` (Thm 10.3's ``γ_{n+1}``, plus one rounding where
+  LAPACK multiplies by the reciprocal of the pivot instead of dividing), so
+  ``‖ΔM‖₂ ≤ γ_{n+2}‖L̂‖_F²`` and ``σ_min(L̂)² ≥ s − δ_G − u·max_i(Ĝ_ii + s) − γ_{n+2}‖L̂‖_F²``.
 * **‖L̂B̂ − A‖₂.** The triangular solve for each column satisfies ``(L̂ + ΔL_j) b̂_j = a_j``,
-  ``|ΔL_j| ≤ γ_n|L̂|`` (Thm 8.5; the same model of the blocked BLAS that Rump's bound for the
-  Cholesky certificate takes), so ``‖L̂B̂ − A‖₂ ≤ γ_n ‖L̂‖_F ‖B̂‖_F``.
+  ``|ΔL_j| ≤ γ_{n+1}|L̂|`` (Thm 8.5's ``γ_n``, plus the rounding of the pivot's reciprocal; the
+  same model of the blocked BLAS that Rump's bound for the Cholesky certificate takes), so
+  ``‖L̂B̂ − A‖₂ ≤ γ_{n+1} ‖L̂‖_F ‖B̂‖_F``.
 
 With ``ℓ ≤ σ_min(L̂)`` and ``e ≥ ‖L̂B̂ − A‖₂`` this is ``σ_n(A) ≥ (σ_n(B̂) − e/ℓ) / (1/ℓ)``: the
 form of :class:`.preconditioning.PreconditionedFactor` with ``‖C‖₂ ≤ 1/ℓ`` and forming error ``e/ℓ``,
@@ -59,7 +61,7 @@ class ShiftedFactor:
 
 def shifted_factor(gram: Tensor, delta_gram: float) -> ShiftedFactor | None:
     """:class:`ShiftedFactor` of ``Ĝ = gram`` (``‖Ĝ − AAᵀ‖₂ ≤ delta_gram``, overwritten) at
-    ``s = CHOLESKY_SAFETY · (δ_G + γ_{n+1} tr Ĝ)``; None when the factorisation breaks down or
+    ``s = CHOLESKY_SAFETY · (δ_G + γ_{n+2} tr Ĝ)``; None when the factorisation breaks down or
     the bound on ``σ_min(L̂)`` is not positive (module docstring)."""
     n, dtype = gram.shape[0], gram.dtype
     diagonal = gram.diagonal()
@@ -71,7 +73,7 @@ def shifted_factor(gram: Tensor, delta_gram: float) -> ShiftedFactor | None:
         return None
     frobenius_sq = float(lower.pow(2).sum()) * (1 + 2 * gamma(n * n, dtype))
     bound_sq = (shift - delta_gram - unit_roundoff(dtype) * (top + shift)
-                - gamma(n + 1, dtype) * frobenius_sq)
+                - gamma(n + 2, dtype) * frobenius_sq)
     if not bound_sq > 0:
         return None
     return ShiftedFactor(lower, shift, math.sqrt(bound_sq), frobenius_sq)
@@ -81,7 +83,7 @@ def shift_precondition(factor: DenseFactor, gram: Tensor, delta_gram: float
                        ) -> PreconditionedFactor | None:
     """``B̂ = L̂⁻¹A`` (:func:`shifted_factor` of ``gram = fl(AAᵀ)``, overwritten) as a
     :class:`PreconditionedFactor`: ``‖C‖₂ ≤ 1/ℓ`` and forming error ``e/ℓ`` with
-    ``e = γ_n ‖L̂‖_F ‖B̂‖_F ≥ ‖L̂B̂ − A‖₂`` (module docstring); None where :func:`shifted_factor`
+    ``e = γ_{n+1} ‖L̂‖_F ‖B̂‖_F ≥ ‖L̂B̂ − A‖₂`` (module docstring); None where :func:`shifted_factor`
     is."""
     shifted = shifted_factor(gram, delta_gram)
     if shifted is None:
@@ -89,7 +91,7 @@ def shift_precondition(factor: DenseFactor, gram: Tensor, delta_gram: float
     b = solve_lower(shifted.lower, factor.a)
     conditioned = DenseFactor(b)
     b_trace = conditioned.trace()
-    error = gamma(factor.rows, factor.dtype) * math.sqrt(
+    error = gamma(factor.rows + 1, factor.dtype) * math.sqrt(
         shifted.frobenius_sq * b_trace * (1 + 2 * gamma(b.numel(), factor.dtype)))
     ell = shifted.sigma_min_bound
     return PreconditionedFactor(factor=conditioned, norm_bound=1.0 / ell, forming_error=error / ell,

@@ -12,8 +12,9 @@ Conventions (docs/verifiers.md):
   whose rows have inner length k carries an error ``‖ΔG‖₂ ≤ γ_k tr(G)`` (each entry
   ``|ΔG_il| ≤ γ_k ‖a_i‖ ‖a_l‖``, and ``‖(‖a_i‖‖a_l‖)_{il}‖₂ = Σ_i ‖a_i‖² = tr G``); a successful
   floating-point Cholesky factorisation of ``A − cI`` proves ``A`` positive definite when
-  ``c ≥ γ_{n+1} tr(A)`` (Rump, *Verification of positive definiteness*, BIT 46, 2006, Thm 2.3,
-  up to underflow terms). Both are worst-case bounds, far above typical errors.
+  ``c ≥ γ_{n+2} tr(A)`` (Rump, *Verification of positive definiteness*, BIT 46, 2006, Thm 2.3,
+  up to underflow terms; his ``γ_{n+1}`` plus one rounding, as LAPACK multiplies by the pivot's
+  reciprocal instead of dividing by it). Both are worst-case bounds, far above typical errors.
 """
 from __future__ import annotations
 
@@ -80,9 +81,10 @@ def gram_rounding_bound(inner: int, trace: float, dtype: torch.dtype) -> float:
 
 
 def cholesky_rounding_bound(n: int, trace: float, dtype: torch.dtype) -> float:
-    """Rump's shift ``γ_{n+1} · tr(G)``: if floating-point Cholesky of ``G − cI`` succeeds for a
-    ``c`` at least this, ``G`` (as stored) is positive definite."""
-    return gamma(n + 1, dtype) * float(trace)
+    """Rump's shift ``γ_{n+2} · tr(G)``: if floating-point Cholesky of ``G − cI`` succeeds for a
+    ``c`` at least this, ``G`` (as stored) is positive definite. (Rump's ``γ_{n+1}`` is for the
+    algorithm that divides by the pivot; LAPACK multiplies by its reciprocal, one rounding more.)"""
+    return gamma(n + 2, dtype) * float(trace)
 
 
 def in_band(value: float, tol: float, band: float = RANK_BAND) -> bool:
