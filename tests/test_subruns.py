@@ -121,3 +121,17 @@ def test_keep_freed_memory_takes_effect_on_glibc():
             "print(keep_freed_memory())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
+
+
+def test_keeping_freed_memory_stops_numpys_huge_page_advice():
+    import platform
+    import subprocess
+    import sys
+
+    code = ("import numpy; m = getattr(numpy, '_core', None) or numpy.core; m = m.multiarray; "
+            "from global_convergence.allocator import keep_freed_memory; "
+            "kept = keep_freed_memory(); print(kept, m._set_madvise_hugepage(True))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    kept, advised = out.stdout.split()
+    assert kept == str(platform.libc_ver()[0] == "glibc")
+    assert advised == str(kept != "True")        # the advice was off exactly when memory is kept

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 def keep_freed_memory() -> bool:
     """Make glibc's ``malloc`` keep freed memory for reuse instead of returning it to the system
-    (``mallopt``: no ``mmap`` allocations, no heap trimming); True where that took effect.
+    (``mallopt``: no ``mmap`` allocations, no heap trimming), and NumPy stop advising huge pages
+    for it; True where that took effect.
 
     Tensors over 32 MB (a LeNet m_c = 4 activation at n = 1000, a 4000 × 4000 Gram matrix) are
     otherwise mapped and unmapped at every use, and the page faults of touching them again cost a
@@ -25,4 +26,23 @@ def keep_freed_memory() -> bool:
     if mallopt is None:
         return False
     m_mmap_max, m_trim_threshold = -4, -1                  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    kept = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    if kept:
+        _no_numpy_huge_page_advice()
+    return kept
+
+
+def _no_numpy_huge_page_advice() -> None:
+    """Stop NumPy advising huge pages for its large arrays (``madvise(MADV_HUGEPAGE)``).
+
+    On memory the heap keeps, that advice makes the kernel compact memory at the first touch
+    where transparent huge pages are on ``madvise`` (the usual default), several times the cost
+    of ordinary page faults (docs/performance.md, "Memory").
+    """
+    try:
+        from numpy._core import multiarray
+    except ImportError:                                    # NumPy < 2
+        from numpy.core import multiarray
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)
+    if setter is not None:
+        setter(False)
