@@ -5,10 +5,11 @@ preconditioner of :mod:`.shift_preconditioning` adds one triangular solve with m
 sides (``n² cols``). On the CPU both run through SciPy's ``potrf`` and ``trsm`` (OpenBLAS,
 measured faster than ``torch.linalg`` on the same matrices: docs/performance.md,
 ``benchmarks/bench_lapack.py``), on as many threads as PyTorch's intra-op pool
-(:func:`.symmetric.blas_threads_like_torch`). Both are
-standard LAPACK/BLAS algorithms (no fast matrix multiplication), so the backward error bounds the
-certificates rely on (Higham, Thm. 10.3 for Cholesky, Thm. 8.5 for the triangular solve) hold for
-them as for any other ordering of the inner products. Other devices and dtypes use
+(:func:`.symmetric.blas_threads_like_torch`). Both are standard LAPACK/BLAS algorithms (no fast
+matrix multiplication), so the backward error bounds the certificates rely on (Higham, Thm. 10.3
+for Cholesky, Thm. 8.5 for the triangular solve) hold for any ordering of the inner products,
+with one rounding more for the multiplication by the pivot's reciprocal (counted in
+:mod:`.tolerance` and :mod:`.shift_preconditioning`). Other devices and dtypes use
 ``torch.linalg``.
 """
 from __future__ import annotations
